@@ -1,0 +1,44 @@
+"""The ``fedjax-fm`` command line.
+
+Each subcommand lives next to the code it drives and registers itself through an
+``add_<name>_command(subparsers)`` function that adds its parser and sets
+``func`` (called with the parsed ``argparse.Namespace``, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, registration function)
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("fedjax_fm.experiment", "add_run_command"),
+    "report": ("fedjax_fm.report", "add_report_command"),
+    "bench": ("fedjax_fm.energy.bench", "add_bench_command"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedjax-fm",
+        description="Federated fine-tuning of FLAN-T5 in JAX with energy, MFU and communication metrics.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name, function_name in _COMMANDS.values():
+        module = importlib.import_module(module_name)
+        getattr(module, function_name)(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Summarisation data for federated clients: sources, prompts, tokenisation, partitioners, static batches."""

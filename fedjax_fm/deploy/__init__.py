@@ -1,0 +1,1 @@
+"""Deployment on real devices (Flower)."""

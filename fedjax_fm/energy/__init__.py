@@ -1,0 +1,1 @@
+"""Energy and efficiency: power sampling backends, metering of compiled calls, FLOPs/MFU, communication."""

@@ -1,0 +1,1 @@
+"""Evaluation: ROUGE and loss."""

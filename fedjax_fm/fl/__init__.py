@@ -1,0 +1,1 @@
+"""Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends."""
