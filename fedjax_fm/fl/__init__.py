@@ -1,1 +1,74 @@
-"""Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends."""
+"""Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends.
+
+Typical use (see ``docs/federated.md``)::
+
+    from fedjax_fm import fl
+    client_update = fl.make_client_update(loss_fn, fl.client_optimizer("adamw", learning_rate=5e-4))
+    algorithm = fl.FederatedAlgorithm(
+        client_update,
+        fl.server_optimizer("fedadam", learning_rate=1e-2, variant="reddi"),
+        fl.make_aggregator("examples", min_clients=1),
+        fl.Vmapped(),
+    )
+    state = algorithm.init(trainable, seed)
+    ids = fl.sample_clients(seed, round_index, population, clients_per_round)
+    state, metrics = algorithm.round(state, frozen, batches_for(ids), ids)
+"""
+
+from fedjax_fm.fl.aggregation import AggregateResult, aggregate, client_is_finite
+from fedjax_fm.fl.algorithm import (
+    SERVER_STREAM,
+    FederatedAlgorithm,
+    ServerState,
+    client_rngs,
+    make_aggregator,
+    tree_bytes,
+)
+from fedjax_fm.fl.client import batch_counts, client_optimizer, make_client_update
+from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
+from fedjax_fm.fl.partition import join_variables, split_variables, trainable_collections
+from fedjax_fm.fl.sampling import sample_clients
+from fedjax_fm.fl.server_optimizers import (
+    SERVER_OPTIMIZERS,
+    fedadagrad,
+    fedadam,
+    fedadamw,
+    fedavg,
+    fedavgm,
+    fedyogi,
+    scale_by_reddi_adaptive,
+    server_optimizer,
+)
+
+__all__ = [
+    "SERVER_OPTIMIZERS",
+    "SERVER_STREAM",
+    "AggregateResult",
+    "ClientOutputs",
+    "FederatedAlgorithm",
+    "Sequential",
+    "ServerState",
+    "Sharded",
+    "Vmapped",
+    "aggregate",
+    "batch_counts",
+    "client_is_finite",
+    "client_mesh",
+    "client_optimizer",
+    "client_rngs",
+    "fedadagrad",
+    "fedadam",
+    "fedadamw",
+    "fedavg",
+    "fedavgm",
+    "fedyogi",
+    "join_variables",
+    "make_aggregator",
+    "make_client_update",
+    "sample_clients",
+    "scale_by_reddi_adaptive",
+    "server_optimizer",
+    "split_variables",
+    "tree_bytes",
+    "trainable_collections",
+]

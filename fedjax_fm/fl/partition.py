@@ -1,0 +1,38 @@
+"""Trainable / frozen partition of model variables.
+
+Variables are Flax-style collections: ``{"params": base}`` for full fine-tuning,
+``{"params": base, "lora": adapters}`` with LoRA. The partition is by collection:
+full fine-tuning trains ``params``; LoRA trains ``lora`` and freezes ``params``
+(which is then never differentiated nor communicated). The same client code runs
+both: only this split differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+Variables = dict[str, Any]
+
+
+def split_variables(variables: Variables, trainable_collections: Iterable[str]) -> tuple[Variables, Variables]:
+    """``(trainable, frozen)``: the named collections vs the rest."""
+    names = tuple(trainable_collections)
+    missing = [n for n in names if n not in variables]
+    if missing:
+        raise KeyError(f"trainable collection(s) {missing} not in variables (have {sorted(variables)})")
+    trainable = {k: v for k, v in variables.items() if k in names}
+    frozen = {k: v for k, v in variables.items() if k not in names}
+    return trainable, frozen
+
+
+def join_variables(trainable: Variables, frozen: Variables) -> Variables:
+    """The full variables again (collections are disjoint by construction)."""
+    overlap = set(trainable) & set(frozen)
+    if overlap:
+        raise ValueError(f"collections {sorted(overlap)} are both trainable and frozen")
+    return {**frozen, **trainable}
+
+
+def trainable_collections(lora: bool) -> tuple[str, ...]:
+    """``("lora",)`` for LoRA, ``("params",)`` for full fine-tuning."""
+    return ("lora",) if lora else ("params",)
