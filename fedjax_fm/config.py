@@ -1,0 +1,535 @@
+"""Experiment configuration: a typed schema loaded from YAML, with ``--set`` overrides.
+
+An experiment is one :class:`ExperimentConfig`, a tree of frozen dataclasses with
+one section per concern (``model``, ``lora``, ``data``, ``federated``, ``eval``,
+``energy``, ``checkpoint``, ``output``) plus the ``seed``. The schema *is* the
+documentation of what a YAML file may say: every field has a type, a default and,
+where it is a choice, a ``Literal`` of the valid values.
+
+Loading is strict, because a typo in an experiment file silently running the
+default is the worst kind of bug in research code:
+
+* an unknown key is an error naming its full dotted path, the valid keys of its
+  section and the closest one (``difflib``);
+* a value of the wrong type, or outside its ``Literal`` choices, is an error naming
+  the key, the expected type or the choices, and the closest choice;
+* range checks (positive counts, ``clients_per_round <= num_clients`` ...) run in
+  each section's ``__post_init__``.
+
+``--set a.b.c=VALUE`` overrides parse ``VALUE`` as YAML (so ``3`` is an int,
+``1e-3`` a float, ``null`` None, ``[q, v]`` a list) and apply it to the dotted path
+before validation; ``--set lora=null`` turns LoRA off (full fine-tuning).
+
+The resolved config is written with every run (``DIR/config.yaml``) by
+:func:`dump_config`; loading that file gives back an equal config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An experiment configuration that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model, in which precision.
+
+    ``name`` is a preset (``tiny``, ``flan-t5-small`` ... ``flan-t5-xl``; the
+    ``google/`` prefix is accepted), a local Hugging Face directory, or a hub name.
+    ``init``: ``random`` initialises the architecture from the seed; ``pretrained``
+    loads weights from ``name`` (directory or hub); ``auto`` = ``random`` for the
+    ``tiny`` preset and a local directory with no weights, ``pretrained`` otherwise.
+    ``tokenizer``: ``auto`` loads it from ``name`` (directory or hub) unless the
+    model is ``tiny``, where it trains a SentencePiece model on the training texts
+    (``train-sentencepiece``); ``byt5`` is a byte tokenizer needing no files; any
+    other string is a directory or hub name.
+    ``vocab_size``: overrides the preset's (and the trained tokenizer's) vocabulary.
+    """
+
+    name: str = "tiny"
+    init: Literal["auto", "random", "pretrained"] = "auto"
+    tokenizer: str = "auto"
+    vocab_size: Optional[int] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None and self.vocab_size < 8:
+            raise ConfigError(f"model.vocab_size must be at least 8, got {self.vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters (Hu et al. 2021); the whole section ``null`` means full fine-tuning."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self) -> None:
+        valid = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+        for module in self.target_modules:
+            if module not in valid:
+                raise ConfigError(_choice_message("lora.target_modules", module, valid))
+        _positive("lora.rank", self.rank)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Where the examples come from, how they are prompted, tokenised and split.
+
+    ``source``: ``synthetic`` (generated dialogues, offline), ``tfds`` (``name`` is a
+    TFDS builder, e.g. ``samsum``), ``json`` / ``jsonl`` / ``csv`` (``path`` is a
+    file or a directory holding ``train.*`` and ``validation.*``), ``folders``
+    (``path`` holds one sub-directory per client, the natural partition).
+    ``partition``: ``iid`` (equal shares), ``dirichlet`` (quantity skew: client shares
+    ``~ Dir(alpha · 1)``), ``natural`` (per-client folders).
+    """
+
+    source: Literal["synthetic", "tfds", "json", "jsonl", "csv", "folders"] = "synthetic"
+    name: Optional[str] = None
+    path: Optional[str] = None
+    data_dir: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    source_field: str = "dialogue"
+    target_field: str = "summary"
+    prompt: str = "summarize: "
+    max_source_length: int = 512
+    max_target_length: int = 95
+    num_train_examples: Optional[int] = None
+    num_eval_examples: Optional[int] = None
+    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    dirichlet_alpha: float = 1.0
+    min_examples_per_client: int = 1
+
+    def __post_init__(self) -> None:
+        if self.source in ("json", "jsonl", "csv", "folders") and not self.path:
+            raise ConfigError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "tfds" and not self.name:
+            raise ConfigError("data.name (a TFDS builder, e.g. 'samsum') is required when data.source is 'tfds'")
+        if self.partition == "natural" and self.source != "folders":
+            raise ConfigError("data.partition 'natural' needs data.source 'folders' (one folder per client)")
+        _positive("data.max_source_length", self.max_source_length)
+        _positive("data.max_target_length", self.max_target_length)
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        for key in ("num_train_examples", "num_eval_examples"):
+            if getattr(self, key) is not None:
+                _positive(f"data.{key}", getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOptimizerSection:
+    """The client's optimiser (optax), run for the local steps of one round."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: Optional[float] = None
+    grad_clip_norm: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _positive("federated.local_optimizer.learning_rate", self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizerSection:
+    """The server optimiser, applied to the pseudo-gradient ``x_t - mean(client params)``.
+
+    ``fedavg`` is SGD with ``learning_rate`` (1.0 = plain averaging); ``fedavgm`` adds
+    ``momentum``; ``fedadam`` / ``fedadamw`` / ``fedyogi`` / ``fedadagrad`` are the
+    adaptive optimisers of Reddi et al. (2021) with ``b1``, ``b2`` and ``tau`` (their
+    ε). ``variant``: ``reddi`` = the published update (no bias correction,
+    ``v_0 = tau²``), ``optax`` = optax's stock transform with ``eps = tau``.
+    """
+
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedadamw", "fedyogi", "fedadagrad"] = "fedadam"
+    learning_rate: float = 10**-1.5
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    tau: float = 1e-2
+    weight_decay: float = 0.0
+    variant: Literal["reddi", "optax"] = "reddi"
+
+    def __post_init__(self) -> None:
+        _positive("federated.server_optimizer.learning_rate", self.learning_rate)
+        _positive("federated.server_optimizer.tau", self.tau)
+        for key in ("momentum", "b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"federated.server_optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedSection:
+    """Rounds, clients and the local/server optimisers.
+
+    Each round samples ``clients_per_round`` of ``num_clients`` (deterministically from
+    ``(seed, round)``); each runs ``local_steps`` optimiser steps on batches of
+    ``batch_size`` (or, when ``local_epochs`` is set, as many steps as that many passes
+    over its largest client's data need — the same static count for every client).
+    A round with fewer than ``min_clients`` finite updates keeps the server state.
+    ``backend``: ``sequential`` (one client after another), ``vmap`` (a group of
+    clients in one vectorised call), ``sharded`` (clients split over devices).
+    """
+
+    rounds: int = 10
+    num_clients: int = 10
+    clients_per_round: int = 4
+    local_steps: int = 10
+    local_epochs: Optional[int] = None
+    batch_size: int = 8
+    min_clients: int = 1
+    backend: Literal["sequential", "vmap", "sharded"] = "sequential"
+    local_optimizer: LocalOptimizerSection = dataclasses.field(default_factory=LocalOptimizerSection)
+    server_optimizer: ServerOptimizerSection = dataclasses.field(default_factory=ServerOptimizerSection)
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "min_clients"):
+            _positive(f"federated.{key}", getattr(self, key))
+        if self.local_epochs is not None:
+            _positive("federated.local_epochs", self.local_epochs)
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"federated.clients_per_round ({self.clients_per_round}) exceeds "
+                f"federated.num_clients ({self.num_clients})"
+            )
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(
+                f"federated.min_clients ({self.min_clients}) exceeds "
+                f"federated.clients_per_round ({self.clients_per_round})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation: loss and ROUGE of greedy generations.
+
+    Runs before training (round 0) when ``at_start`` is true, every ``every`` rounds,
+    and after the last round. ``max_examples`` caps the evaluation set (taken in a
+    fixed order, so every evaluation sees the same examples).
+    """
+
+    every: int = 1
+    at_start: bool = True
+    max_examples: Optional[int] = 64
+    batch_size: int = 16
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("every", "batch_size", "max_new_tokens"):
+            _positive(f"eval.{key}", getattr(self, key))
+        if self.max_examples is not None:
+            _positive("eval.max_examples", self.max_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergySection:
+    """Power measurement and the network model.
+
+    ``backend``: ``auto`` picks the first that works (NVML, Jetson INA3221, RAPL) and
+    falls back to ``none`` (joules are null); ``constant`` is a user-declared power
+    draw of ``watts`` (its figures are labelled estimates). ``network`` names a
+    network profile (bandwidth, latency, J/bit) for communication time and energy.
+    ``peak_flops``: the device's peak FLOP/s for MFU when it is not in the table.
+    """
+
+    backend: Literal["auto", "nvml", "jetson", "rapl", "constant", "none"] = "auto"
+    watts: Optional[float] = None
+    sample_interval_s: float = 0.05
+    network: str = "wifi"
+    peak_flops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.backend == "constant" and (self.watts is None or self.watts <= 0):
+            raise ConfigError("energy.watts (a positive power draw) is required when energy.backend is 'constant'")
+        _positive("energy.sample_interval_s", self.sample_interval_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints of the whole server state every ``every`` rounds, keeping ``keep``."""
+
+    every: int = 1
+    keep: int = 2
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSection:
+    """What a run writes besides ``metrics.jsonl``, ``summary.json`` and ``config.yaml``."""
+
+    export: bool = True
+    plots: bool = True
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. ``lora: null`` is full fine-tuning."""
+
+    seed: int = 0
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: Optional[LoraSection] = dataclasses.field(default_factory=LoraSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    federated: FederatedSection = dataclasses.field(default_factory=FederatedSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    energy: EnergySection = dataclasses.field(default_factory=EnergySection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    output: OutputSection = dataclasses.field(default_factory=OutputSection)
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ loading + errors
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+
+
+def _closest(word: str, choices: typing.Iterable[str]) -> Optional[str]:
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _choice_message(key: str, value: Any, choices: typing.Sequence[Any]) -> str:
+    message = f"{key}: {value!r} is not a valid choice; valid: {', '.join(map(str, choices))}"
+    suggestion = _closest(value, [str(c) for c in choices])
+    if suggestion is not None:
+        message += f" (did you mean {suggestion!r}?)"
+    return message
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + _type_name(typing.get_args(tp)[0])
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Checks/converts one YAML value against a schema type; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(_choice_message(key, value, choices))
+        return value
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the float it means.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in the schema
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if raw_key not in names:
+            message = f"unknown key {key!r}; valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+            suggestion = _closest(str(raw_key), names)
+            if suggestion is not None:
+                message += f" (did you mean {suggestion!r}?)"
+            raise ConfigError(message)
+        kwargs[raw_key] = _convert(hints[raw_key], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # e.g. a check in a dataclass we do not own
+        raise ConfigError(f"{prefix or 'config'}: {error}") from error
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Validates a plain mapping (e.g. parsed YAML) into an :class:`ExperimentConfig`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"an experiment config must be a mapping of sections, got {type(data).__name__}")
+    return _build(ExperimentConfig, data)
+
+
+def config_to_dict(config: Any) -> Any:
+    """The config as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [config_to_dict(v) for v in config]
+    return config
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.DOTALL)
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` strings (values parsed as YAML) to a raw mapping.
+
+    Intermediate sections missing from ``data`` are created (so ``--set
+    lora.rank=4`` works on a file that does not mention ``lora``); whether the key
+    exists is checked by validation afterwards, with the usual suggestions.
+    """
+    result = _deep_copy(data)
+    for override in overrides:
+        match = _OVERRIDE.match(override.strip())
+        if not match:
+            raise ConfigError(f"--set {override!r}: expected section.key=value (e.g. federated.rounds=5)")
+        path, raw_value = match.group(1).split("."), match.group(2)
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: the value is not valid YAML ({error})") from error
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    return data if data is not None else {}
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML config, following ``base: other.yaml`` (relative to the file) first.
+
+    ``base`` lets the paper grid share one file of defaults: the including file's
+    sections are merged key by key over the base's.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment config must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:
+        base_data = load_config_dict(path.parent / base)
+        data = _merge(base_data, data)
+    return data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = _deep_copy(value)
+    return out
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Loads, overrides and validates a YAML experiment; errors name the file and key."""
+    data = apply_overrides(load_config_dict(path), overrides)
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def dump_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,241 @@
+"""Plots of one run and ``fedjax-fm report``: several runs overlaid, plus a Markdown table.
+
+A run directory holds ``metrics.jsonl`` (one row per round; ``null`` where a value
+was not measured or not evaluated that round) and ``summary.json``. Plots are
+drawn from the rows only, skipping nulls, so a run without a power meter simply
+has no energy curve rather than a curve of zeros.
+
+Per-run plots (``DIR/plots/``):
+
+* ``loss.png`` — train loss (mean over the round's clients) and eval loss;
+* ``rouge.png`` — ROUGE-1/2/L/Lsum on the evaluation rounds;
+* ``energy.png`` — joules per round by component (client compute, server, communication);
+* ``efficiency.png`` — η_e = TPS per watt;  ``mfu.png`` — model FLOP utilisation;
+* ``granularity.png`` — G = T_comp / T_comm.
+
+``fedjax-fm report DIR [DIR ...] --out OUT`` draws the same panels with one line
+per run (e.g. an optimiser comparison) into ``OUT/*.png`` and writes ``OUT/report.md``,
+a table of each run's final and best scores, totals and fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (file stem, title, y label, [(metric key, legend label)])
+PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("loss", "Loss", "cross-entropy", (("train_loss", "train"), ("eval_loss", "eval"))),
+    ("rouge", "ROUGE (eval)", "F-measure × 100",
+     (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"))),
+    ("energy", "Energy per round", "joules",
+     (("client_joules", "clients (compute)"), ("server_joules", "server"), ("comm_joules", "communication"))),
+    ("efficiency", "Energy efficiency η_e", "tokens / s / W", (("tps_per_watt", "η_e"),)),
+    ("mfu", "Model FLOP utilisation", "MFU", (("mfu", "MFU"),)),
+    ("granularity", "Granularity G = T_comp / T_comm", "G", (("granularity", "G"),)),
+)
+
+# Panels of the overlay report: one metric each, one line per run.
+REPORT_METRICS: tuple[tuple[str, str], ...] = (
+    ("train_loss", "train loss"),
+    ("eval_loss", "eval loss"),
+    ("rouge1", "ROUGE-1"),
+    ("rouge2", "ROUGE-2"),
+    ("rougeL", "ROUGE-L"),
+    ("rougeLsum", "ROUGE-Lsum"),
+    ("client_joules", "client joules per round"),
+    ("tps_per_watt", "η_e (tokens/s/W)"),
+    ("mfu", "MFU"),
+    ("granularity", "G = T_comp / T_comm"),
+)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` (a clear error if it is missing or damaged)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fedjax-fm run directory?")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from error
+    return rows
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            xs.append(int(row["round"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -> list[Path]:
+    """Writes ``run_dir/plots/*.png`` from the run's rows; returns the files written.
+
+    A panel with no measured value at all (e.g. energy without a power meter) is
+    still drawn, with a note saying so, so the set of files is always the same.
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir) if rows is None else rows
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, title, ylabel, series in PANELS:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for key, label in series:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+                drawn = True
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -digits):
+            return f"{value:.3g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _run_label(run_dir: Path, labels: dict[str, int]) -> str:
+    """A short unique label: the directory name, made unique with its parent if needed."""
+    label = run_dir.name or str(run_dir)
+    if labels.get(label):
+        label = f"{run_dir.parent.name}/{label}"
+    labels[label] = labels.get(label, 0) + 1
+    return label
+
+
+def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
+    """One row per run: final ROUGE and loss, best ROUGE-L, totals, fingerprint."""
+    header = (
+        "| run | rounds | final ROUGE-1 | final ROUGE-2 | final ROUGE-L | final ROUGE-Lsum | best ROUGE-L (round) "
+        "| final eval loss | total J | total s | MB up | MB down | params_sha256 |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for label, rows, summary in runs:
+        evaluated = [r for r in rows if r.get("rougeL") is not None]
+        final = evaluated[-1] if evaluated else {}
+        best = max(evaluated, key=lambda r: r["rougeL"]) if evaluated else None
+        totals = summary.get("totals", {})
+        rounds = rows[-1]["round"] if rows else 0
+        up = totals.get("bytes_up")
+        down = totals.get("bytes_down")
+        fingerprint = summary.get("params_sha256")
+        cells = [
+            label,
+            str(rounds),
+            _fmt(final.get("rouge1")),
+            _fmt(final.get("rouge2")),
+            _fmt(final.get("rougeL")),
+            _fmt(final.get("rougeLsum")),
+            f"{_fmt(best['rougeL'])} ({best['round']})" if best else "–",
+            _fmt(final.get("eval_loss"), 3),
+            _fmt(totals.get("joules")),
+            _fmt(totals.get("seconds")),
+            _fmt(up / 1e6 if up is not None else None, 3),
+            _fmt(down / 1e6 if down is not None else None, 3),
+            f"`{fingerprint[:12]}…`" if fingerprint else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Overlay plots of ``run_dirs`` and ``report.md`` into ``out_dir``; returns the Markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels: dict[str, int] = {}
+    runs = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        runs.append((_run_label(run_dir, labels), read_metrics(run_dir), read_summary(run_dir)))
+    images = []
+    for key, title in REPORT_METRICS:
+        if not any(_series(rows, key)[0] for _, rows, _ in runs):
+            continue  # measured by none of the runs: no empty panel in the report
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, rows, _ in runs:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{key}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        images.append(path)
+    text = ["# fedjax-fm report", "", "Runs: " + ", ".join(f"`{Path(d)}`" for d in run_dirs), ""]
+    text.append(markdown_table(runs))
+    text.append("")
+    for path in images:
+        text.append(f"![{path.stem}]({path.name})")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(text) + "\n")
+    return report
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
+    try:
+        report = write_report(args.runs, out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"fedjax-fm report: {error}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    print(f"report written to {report}", file=sys.stderr)
+    return 0
+
+
+def add_report_command(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``fedjax-fm report DIR [DIR ...] [--out OUT]``."""
+    parser = subparsers.add_parser(
+        "report",
+        help="overlay several runs as plots plus a Markdown table",
+        description="Overlay runs (e.g. an optimiser comparison): one plot per metric with a line per run, "
+        "and report.md with each run's final/best ROUGE, loss, energy, bytes and params_sha256.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="DIR", help="run directories written by `fedjax-fm run`")
+    parser.add_argument("--out", default=None, help="where to write report.md and the plots (default: <first DIR>/../report)")
+    parser.set_defaults(func=_report_command)
