@@ -1,0 +1,358 @@
+"""The runner's entry point: a data spec -> tokenised, partitioned, batch-ready client data.
+
+``build_federated_data(spec, tokenizer, seed=..., num_clients=...)`` loads the source,
+tokenises train and eval splits once (optionally cached on disk), partitions the train
+split, checks client sizes, and returns a :class:`FederatedData` whose
+``client_round_batches(client, round)`` is a numpy gather of ``[steps, B, L]`` arrays.
+
+The spec is three small dataclasses (``DataSpec`` holding a ``SourceSpec`` and a
+``PartitionSpec``) that map one-to-one onto a YAML block; ``DataSpec.from_dict`` checks
+the keys and names any unknown one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+
+from fedjax_fm.data import batching, partition as partitioners
+from fedjax_fm.data.local_files import read_client_folder, read_examples
+from fedjax_fm.data.records import DataError, TextExamples
+from fedjax_fm.data.synthetic import synthetic_examples
+from fedjax_fm.data.tokenize import DEFAULT_PROMPT, TokenizedExamples, TruncationReport, cached_tokenize
+
+SourceKind = Literal["synthetic", "tfds", "samsum_json", "file", "client_folder"]
+PartitionMethod = Literal["iid", "dirichlet_quantity", "dirichlet_group", "natural"]
+SAMSUM_FILES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where the examples come from.
+
+    kind:
+      ``synthetic``: the seeded dialogue generator (``num_train``/``num_eval`` examples,
+        ``small_talk_turns``, ``extra_fact_prob``); column ``intent`` for content skew.
+      ``tfds``: TFDS builder ``name`` (``data_dir``, ``manual_dir``, ``train_split``,
+        ``eval_split``; fields default to the built-in mapping for samsum, cnn_dailymail,
+        xsum, billsum).
+      ``samsum_json``: a directory ``path`` holding SAMSum's ``train.json``/``val.json``/``test.json``.
+      ``file``: one JSON/JSONL/CSV file ``path`` (train) and ``eval_path``.
+      ``client_folder``: ``path`` = ``DIR/<client_id>.jsonl`` files; column ``client``;
+        ``eval_path`` a file or another client folder (pooled for evaluation).
+    """
+
+    kind: SourceKind = "synthetic"
+    path: str | None = None
+    eval_path: str | None = None
+    input_field: str | None = None
+    target_field: str | None = None
+    id_field: str | None = "id"
+    extra_fields: tuple[str, ...] = ()
+    skip_invalid: bool = False
+    name: str | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_train: int = 2000
+    num_eval: int = 200
+    small_talk_turns: tuple[int, int] = (0, 2)
+    extra_fact_prob: float = 0.3
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionSpec:
+    """How train examples are split over clients.
+
+    ``group_field`` names the column for ``dirichlet_group`` (``"length_bucket"`` groups by
+    input-length quantile into ``num_length_buckets``); ``natural_field`` the column for
+    ``natural`` (``"client"`` for a client folder). Clients below ``min_examples`` are an
+    error unless ``drop_small_clients``.
+    """
+
+    method: PartitionMethod = "iid"
+    alpha: float = 0.5
+    group_field: str | None = None
+    num_length_buckets: int = 4
+    natural_field: str = "client"
+    min_examples: int = 1
+    drop_small_clients: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Everything the data pipeline needs besides the tokenizer, seed and client count."""
+
+    source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
+    partition: PartitionSpec = dataclasses.field(default_factory=PartitionSpec)
+    prompt_template: str = DEFAULT_PROMPT
+    max_input_length: int = 512
+    max_target_length: int = 128
+    batch_size: int = 8
+    local_steps: int | None = None
+    local_epochs: float | None = 1.0
+    eval_batch_size: int | None = None
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "DataSpec":
+        """Build from a plain mapping (e.g. a YAML ``data:`` block); unknown keys are errors.
+
+        ``local_steps``, when set, takes precedence over ``local_epochs`` (default 1 epoch).
+        """
+        config = dict(config)
+        source = _dataclass_from_dict(SourceSpec, config.pop("source", {}), "data.source")
+        part = _dataclass_from_dict(PartitionSpec, config.pop("partition", {}), "data.partition")
+        return _dataclass_from_dict(cls, config, "data", source=source, partition=part)
+
+
+def _dataclass_from_dict(cls, config: dict[str, Any], where: str, **fixed):
+    if not isinstance(config, dict):
+        raise DataError(f"{where}: expected a mapping, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    values = dict(config)
+    for key in ("extra_fields", "small_talk_turns"):
+        if key in values and isinstance(values[key], list):
+            values[key] = tuple(values[key])
+    return cls(**values, **fixed)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _file_kwargs(source: SourceSpec, extra: Sequence[str]) -> dict[str, Any]:
+    return dict(
+        input_field=source.input_field or "dialogue",
+        target_field=source.target_field or "summary",
+        id_field=source.id_field,
+        extra_fields=tuple(dict.fromkeys([*source.extra_fields, *extra])),
+        skip_invalid=source.skip_invalid,
+    )
+
+
+def _read_path(path: str, source: SourceSpec, extra: Sequence[str]) -> TextExamples:
+    if pathlib.Path(path).is_dir():
+        return read_client_folder(path, **_file_kwargs(source, extra))
+    return read_examples(path, **_file_kwargs(source, extra))
+
+
+def load_source(source: SourceSpec, *, seed: int, partition_columns: Sequence[str] = ()) -> tuple[TextExamples, TextExamples]:
+    """(train, eval) examples of a source, with the columns partitioning will need."""
+    # Columns the partitioner groups by that the reader must keep (built-in ones excluded).
+    builtin = {"id", "input", "target", "length_bucket"} | ({"client"} if source.kind == "client_folder" else set())
+    wanted = [c for c in partition_columns if c not in builtin]
+    if source.kind == "synthetic":
+        common = dict(small_talk_turns=tuple(source.small_talk_turns), extra_fact_prob=source.extra_fact_prob)
+        # Distinct seeds keep eval dialogues out of the training set's random stream.
+        train = synthetic_examples(source.num_train, seed=seed, id_prefix="train", **common)
+        evaluation = synthetic_examples(source.num_eval, seed=seed + 1_000_003, id_prefix="eval", **common)
+    elif source.kind == "tfds":
+        from fedjax_fm.data.tfds_source import load_tfds
+
+        if not source.name:
+            raise DataError("data.source: kind 'tfds' needs a builder name (source.name)")
+        common = dict(
+            input_field=source.input_field, target_field=source.target_field,
+            extra_fields=tuple(dict.fromkeys([*source.extra_fields, *wanted])),
+            data_dir=source.data_dir, manual_dir=source.manual_dir,
+        )
+        train = load_tfds(source.name, source.train_split, max_examples=source.max_train_examples, **common)
+        evaluation = load_tfds(source.name, source.eval_split, max_examples=source.max_eval_examples, **common)
+    elif source.kind == "samsum_json":
+        if not source.path:
+            raise DataError("data.source: kind 'samsum_json' needs path (the directory with train.json, val.json, test.json)")
+        split_files = {s: pathlib.Path(source.path) / f for s, f in SAMSUM_FILES.items()}
+        for split in (source.train_split, source.eval_split):
+            if split not in split_files:
+                raise DataError(f"{source.path}: SAMSum splits are {sorted(split_files)}, not {split!r}")
+        kwargs = _file_kwargs(source, wanted)
+        train = read_examples(split_files[source.train_split], **kwargs)
+        evaluation = read_examples(split_files[source.eval_split], **kwargs)
+    elif source.kind in ("file", "client_folder"):
+        if not source.path:
+            raise DataError(f"data.source: kind {source.kind!r} needs path")
+        if source.kind == "client_folder":
+            train = read_client_folder(source.path, **_file_kwargs(source, wanted))
+        else:
+            train = _read_path(source.path, source, wanted)
+        if not source.eval_path:
+            raise DataError(f"data.source: kind {source.kind!r} needs eval_path (a held-out file or folder)")
+        evaluation = _read_path(source.eval_path, source, [])
+    else:
+        raise DataError(f"data.source: unknown kind {source.kind!r}; use synthetic, tfds, samsum_json, file, client_folder")
+    return train.head(source.max_train_examples), evaluation.head(source.max_eval_examples)
+
+
+def partition_examples(examples: TextExamples, tokens: TokenizedExamples, spec: PartitionSpec, *,
+                       seed: int, num_clients: int | None) -> partitioners.Partition:
+    """Apply the configured partitioner, then the minimum-size rule."""
+    n = len(examples)
+    if spec.method == "natural":
+        result = partitioners.natural_partition(examples.column(spec.natural_field), num_clients=num_clients,
+                                                seed=seed, field=spec.natural_field)
+    else:
+        if num_clients is None:
+            raise DataError(f"partition {spec.method!r} needs num_clients")
+        if spec.method == "iid":
+            result = partitioners.iid_partition(n, num_clients, seed=seed)
+        elif spec.method == "dirichlet_quantity":
+            result = partitioners.dirichlet_quantity_partition(n, num_clients, spec.alpha, seed=seed)
+        elif spec.method == "dirichlet_group":
+            if not spec.group_field:
+                raise DataError("partition 'dirichlet_group' needs group_field (e.g. intent, topic, length_bucket)")
+            if spec.group_field == "length_bucket":
+                groups = partitioners.length_buckets(tokens.input_lengths, spec.num_length_buckets)
+            else:
+                groups = examples.column(spec.group_field)
+            result = partitioners.dirichlet_group_partition(groups, num_clients, spec.alpha, seed=seed)
+        else:
+            raise DataError(f"unknown partition method {spec.method!r}; use iid, dirichlet_quantity, dirichlet_group, natural")
+    return partitioners.enforce_min_examples(result, spec.min_examples, drop=spec.drop_small_clients)
+
+
+# ---------------------------------------------------------------------------------------
+# The runner-facing object
+
+
+@dataclasses.dataclass
+class FederatedData:
+    """Partitioned, tokenised client data with static-shape round batches.
+
+    Clients are addressed by position ``0 .. num_clients-1`` (the integer that seeds their
+    shuffling) or by id string.
+    """
+
+    client_ids: list[str]
+    partition: partitioners.Partition
+    train_tokens: TokenizedExamples
+    eval_tokens: TokenizedExamples
+    eval_examples: TextExamples
+    local_work: batching.LocalWork
+    steps_per_round: int
+    seed: int
+    eval_batch_size: int
+    truncation: dict[str, TruncationReport]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def batch_size(self) -> int:
+        return self.local_work.batch_size
+
+    def _position(self, client: int | str) -> int:
+        if isinstance(client, str):
+            try:
+                return self.client_ids.index(client)
+            except ValueError:
+                raise DataError(f"unknown client id {client!r}") from None
+        if not 0 <= int(client) < self.num_clients:
+            raise DataError(f"client index {client} out of range [0, {self.num_clients})")
+        return int(client)
+
+    def num_examples(self, client: int | str) -> int:
+        """The client's dataset size ``n_c`` (FedAvg's aggregation weight)."""
+        return int(len(self.partition.client_indices[self._position(client)]))
+
+    def real_examples_per_round(self, client: int | str) -> int:
+        """Real (weight 1) examples in each of the client's rounds: ``sum(example_weight)``."""
+        return self.local_work.real_examples(self.num_examples(client), self.steps_per_round)
+
+    def _slots(self, client: int | str, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+        k = self._position(client)
+        num_slots = self.steps_per_round * self.batch_size
+        return batching.round_slots(
+            self.partition.client_indices[k], seed=self.seed, round_index=int(round_index), client=k,
+            num_slots=num_slots, num_real=self.real_examples_per_round(k),
+        )
+
+    def client_round_batches(self, client: int | str, round_index: int) -> dict[str, np.ndarray]:
+        """One client's round: arrays ``[steps, B, L]`` (``example_weight`` ``[steps, B]``)."""
+        indices, weights = self._slots(client, round_index)
+        return batching.gather_batches(self.train_tokens, indices, weights, (self.steps_per_round, self.batch_size))
+
+    def clients_round_batches(self, clients: Sequence[int | str], round_index: int) -> dict[str, np.ndarray]:
+        """A group of clients stacked for vmapped execution: arrays ``[C, steps, B, L]``."""
+        slots = [self._slots(c, round_index) for c in clients]
+        indices = np.concatenate([s[0] for s in slots])
+        weights = np.concatenate([s[1] for s in slots])
+        return batching.gather_batches(self.train_tokens, indices, weights,
+                                       (len(slots), self.steps_per_round, self.batch_size))
+
+    def batch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of one client's round (prepend ``C`` for a client group)."""
+        s, b = self.steps_per_round, self.batch_size
+        src, tgt = self.train_tokens.input_ids.shape[1], self.train_tokens.labels.shape[1]
+        return {"input_ids": (s, b, src), "attention_mask": (s, b, src), "decoder_input_ids": (s, b, tgt),
+                "labels": (s, b, tgt), "decoder_attention_mask": (s, b, tgt), "example_weight": (s, b)}
+
+    def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None) -> Iterator[dict]:
+        """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0)."""
+        n = len(self.eval_tokens) if max_examples is None else min(max_examples, len(self.eval_tokens))
+        tokens = self.eval_tokens if n == len(self.eval_tokens) else TokenizedExamples(
+            *(a[:n] for a in dataclasses.astuple(self.eval_tokens)))
+        return batching.eval_batches(tokens, self.eval_examples.targets[:n], batch_size or self.eval_batch_size,
+                                     ids=self.eval_examples.ids[:n])
+
+    def report(self) -> dict[str, Any]:
+        """Partition counts, truncation counts and batch geometry, for logs and summary.json."""
+        return {
+            "partition": self.partition.report(),
+            "truncation": {k: v.as_dict() for k, v in self.truncation.items()},
+            "steps_per_round": self.steps_per_round,
+            "batch_size": self.batch_size,
+            "num_eval_examples": len(self.eval_tokens),
+        }
+
+
+def build_federated_data(
+    spec: DataSpec,
+    tokenizer,
+    *,
+    seed: int,
+    num_clients: int | None = None,
+) -> FederatedData:
+    """Load, tokenise (once), partition and wrap a dataset for federated rounds.
+
+    Args:
+      spec: the data spec.
+      tokenizer: a Hugging Face tokenizer with pad id 0 and EOS id 1.
+      seed: the run seed (partitioning, per-round shuffling, synthetic data).
+      num_clients: number of clients; for natural partitions ``None`` means all of them.
+    """
+    part = spec.partition
+    needed = [c for c in (part.group_field if part.method == "dirichlet_group" else None,
+                          part.natural_field if part.method == "natural" else None) if c]
+    train, evaluation = load_source(spec.source, seed=seed, partition_columns=needed)
+    token_kwargs = dict(prompt_template=spec.prompt_template, max_input_length=spec.max_input_length,
+                        max_target_length=spec.max_target_length)
+    train_tokens, train_report = cached_tokenize(train, tokenizer, spec.cache_dir, **token_kwargs)
+    eval_tokens, eval_report = cached_tokenize(evaluation, tokenizer, spec.cache_dir, **token_kwargs)
+    partition = partition_examples(train, train_tokens, part, seed=seed, num_clients=num_clients)
+    local_work = batching.LocalWork(spec.batch_size, steps=spec.local_steps,
+                                    epochs=None if spec.local_steps is not None else spec.local_epochs)
+    largest = max(len(i) for i in partition.client_indices)
+    return FederatedData(
+        client_ids=list(partition.client_ids),
+        partition=partition,
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens,
+        eval_examples=evaluation,
+        local_work=local_work,
+        steps_per_round=local_work.steps_per_round(largest),
+        seed=seed,
+        eval_batch_size=spec.eval_batch_size or spec.batch_size,
+        truncation={"train": train_report, "eval": eval_report},
+    )
+
