@@ -133,7 +133,7 @@ class FederatedAlgorithm:
             "num_nonfinite_clients": result.num_nonfinite,
             "applied": result.applied,
             "client_valid": result.valid,
-            "pseudo_gradient_norm": optax.global_norm(result.pseudo_gradient),
+            "pseudo_gradient_norm": optax.tree.norm(result.pseudo_gradient),
         }
         return new_state, metrics
 
