@@ -23,7 +23,7 @@ def test_table_rows_have_sources_and_dense_figures():
         assert all(v >= row.flops.get("float32", 0) for v in row.flops.values()), row.name
 
 
-def test_lookup_by_device_kind_dtype_and_sm_count(monkeypatch):
+def test_lookup_by_device_kind_dtype_and_sm_count():
     h100 = lookup_peak("NVIDIA H100 80GB HBM3", jnp.bfloat16)
     assert h100.flops_per_s == pytest.approx(989.4e12) and "datasheet" in h100.source
     assert lookup_peak("NVIDIA A100-SXM4-40GB", "bfloat16").flops_per_s == pytest.approx(312e12)
@@ -33,10 +33,10 @@ def test_lookup_by_device_kind_dtype_and_sm_count(monkeypatch):
     assert lookup_peak("Orin", jnp.bfloat16, device_name="Jetson Orin NX 16GB").flops_per_s == pytest.approx(15e12)
     assert lookup_peak("Xavier", jnp.bfloat16, core_count=8) is None  # Volta has no BF16
     assert lookup_peak("cpu", jnp.float32) is None
-    monkeypatch.setattr(jax.config, "jax_default_matmul_precision", "highest")
-    assert lookup_peak("NVIDIA A100 80GB PCIe", jnp.float32).dtype == "float32"
-    monkeypatch.setattr(jax.config, "jax_default_matmul_precision", None)
-    assert lookup_peak("NVIDIA A100 80GB PCIe", jnp.float32).dtype == "tensorfloat32"
+    with jax.default_matmul_precision("highest"):  # strict FP32 matmuls
+        assert lookup_peak("NVIDIA A100 80GB PCIe", jnp.float32).dtype == "float32"
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert lookup_peak("NVIDIA A100 80GB PCIe", jnp.float32).dtype == "tensorfloat32"
     with pytest.raises(ValueError, match="unknown device_name 'Jetson TX1'"):
         lookup_peak("Orin", jnp.float32, device_name="Jetson TX1")
 
