@@ -36,6 +36,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from fedjax_fm.data.federated import PartitionSpec, SourceSpec
+
 
 class ConfigError(ValueError):
     """An experiment configuration that cannot be used; the message names the key."""
@@ -94,47 +96,35 @@ class LoraSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Where the examples come from, how they are prompted, tokenised and split.
+    """Where the examples come from, how they are prompted, tokenised and split over clients.
 
-    ``source``: ``synthetic`` (generated dialogues, offline), ``tfds`` (``name`` is a
-    TFDS builder, e.g. ``samsum``), ``json`` / ``jsonl`` / ``csv`` (``path`` is a
-    file or a directory holding ``train.*`` and ``validation.*``), ``folders``
-    (``path`` holds one sub-directory per client, the natural partition).
-    ``partition``: ``iid`` (equal shares), ``dirichlet`` (quantity skew: client shares
-    ``~ Dir(alpha · 1)``), ``natural`` (per-client folders).
+    ``source`` and ``partition`` are the data package's own specs
+    (:class:`fedjax_fm.data.federated.SourceSpec` / ``PartitionSpec``; every key is
+    listed in docs/experiments.md): ``source.kind`` is ``synthetic`` (offline
+    generator), ``tfds`` (``name``, e.g. ``samsum``), ``samsum_json``, ``file`` or
+    ``client_folder``; ``partition.method`` is ``iid``, ``dirichlet_quantity``
+    (client shares ``~ Dir(alpha · 1)``), ``dirichlet_group`` or ``natural``.
+    ``prompt_template`` holds ``{dialogue}`` (or ``{input}``). Batch size and local
+    steps live in ``federated``; the evaluation batch size in ``eval``.
+    ``cache_dir``: where tokenised arrays are cached (none: tokenise every run).
     """
 
-    source: Literal["synthetic", "tfds", "json", "jsonl", "csv", "folders"] = "synthetic"
-    name: Optional[str] = None
-    path: Optional[str] = None
-    data_dir: Optional[str] = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    source_field: str = "dialogue"
-    target_field: str = "summary"
-    prompt: str = "summarize: "
-    max_source_length: int = 512
+    source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
+    partition: PartitionSpec = dataclasses.field(default_factory=PartitionSpec)
+    prompt_template: str = "summarize: {dialogue}"
+    max_input_length: int = 512
     max_target_length: int = 95
-    num_train_examples: Optional[int] = None
-    num_eval_examples: Optional[int] = None
-    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
-    dirichlet_alpha: float = 1.0
-    min_examples_per_client: int = 1
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.source in ("json", "jsonl", "csv", "folders") and not self.path:
-            raise ConfigError(f"data.path is required when data.source is {self.source!r}")
-        if self.source == "tfds" and not self.name:
-            raise ConfigError("data.name (a TFDS builder, e.g. 'samsum') is required when data.source is 'tfds'")
-        if self.partition == "natural" and self.source != "folders":
-            raise ConfigError("data.partition 'natural' needs data.source 'folders' (one folder per client)")
-        _positive("data.max_source_length", self.max_source_length)
+        _positive("data.max_input_length", self.max_input_length)
         _positive("data.max_target_length", self.max_target_length)
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
-        for key in ("num_train_examples", "num_eval_examples"):
-            if getattr(self, key) is not None:
-                _positive(f"data.{key}", getattr(self, key))
+        if self.partition.alpha <= 0:
+            raise ConfigError(f"data.partition.alpha must be positive, got {self.partition.alpha}")
+        if self.source.kind == "tfds" and not self.source.name:
+            raise ConfigError("data.source.name (a TFDS builder, e.g. 'samsum') is required when data.source.kind is 'tfds'")
+        if self.source.kind in ("samsum_json", "file", "client_folder") and not self.source.path:
+            raise ConfigError(f"data.source.path is required when data.source.kind is {self.source.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +186,7 @@ class FederatedSection:
     num_clients: int = 10
     clients_per_round: int = 4
     local_steps: int = 10
-    local_epochs: Optional[int] = None
+    local_epochs: Optional[float] = None
     batch_size: int = 8
     min_clients: int = 1
     backend: Literal["sequential", "vmap", "sharded"] = "sequential"
@@ -256,7 +246,7 @@ class EnergySection:
     backend: Literal["auto", "nvml", "jetson", "rapl", "constant", "none"] = "auto"
     watts: Optional[float] = None
     sample_interval_s: float = 0.05
-    network: str = "wifi"
+    network: str = "wifi5"
     peak_flops: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -334,7 +324,10 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return "a list of " + _type_name(typing.get_args(tp)[0])
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a list of " + _type_name(args[0])
+        return f"a list of {len(args)} values"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -365,12 +358,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(_choice_message(key, value, choices))
         return value
     if origin is tuple:
-        (item_type, *_rest) = typing.get_args(tp)
-        if isinstance(value, str):
+        args = typing.get_args(tp)
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        if isinstance(value, str) and variadic:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return tuple(_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+        if not variadic and len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        types_ = [args[0]] * len(value) if variadic else list(args)
+        return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(types_, value)))
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
