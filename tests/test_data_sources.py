@@ -119,3 +119,17 @@ def test_tfds_samsum_end_to_end_from_a_manual_dir(tmp_path, monkeypatch):
 
     again = load_tfds("samsum", "validation", data_dir=str(tmp_path / "tfds"), prepare=False)
     assert len(again) == 4 and set(again.ids) == {f"val{i}" for i in range(4)}
+
+
+def test_synthetic_tokenizer_is_trained_once_and_round_trips(tmp_path):
+    from fedjax_fm.data import synthetic_tokenizer
+
+    tokenizer = synthetic_tokenizer(tmp_path, vocab_size=300, num_examples=300)
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1 and len(tokenizer) <= 300
+    (model_file,) = list(tmp_path.glob("*/spiece.model"))
+    stamp = model_file.stat().st_mtime_ns
+    again = synthetic_tokenizer(tmp_path, vocab_size=300, num_examples=300)  # cached: not retrained
+    assert model_file.stat().st_mtime_ns == stamp and len(again) == len(tokenizer)
+    ex = synthetic_examples(20, seed=9)
+    ids = tokenizer(ex.targets)["input_ids"]
+    assert [tokenizer.decode(i, skip_special_tokens=True) for i in ids] == ex.targets

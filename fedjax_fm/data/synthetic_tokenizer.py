@@ -25,7 +25,7 @@ def synthetic_corpus(num_examples: int = 4000, *, seed: int = 0, prompt_template
     return format_prompts(prompt_template, examples.inputs) + list(examples.targets)
 
 
-def synthetic_tokenizer(cache_dir: str | pathlib.Path, *, vocab_size: int = 800, num_examples: int = 4000,
+def synthetic_tokenizer(cache_dir: str | pathlib.Path, *, vocab_size: int = 512, num_examples: int = 4000,
                         seed: int = 0, prompt_template: str = DEFAULT_PROMPT):
     """Load the cached synthetic-corpus tokenizer from ``cache_dir``, training it first if absent.
 
