@@ -201,6 +201,18 @@ def test_flax_born_params_export_matches_transformers_logits(tmp_path):
     np.testing.assert_allclose(_hf_logits(reloaded, input_ids, decoder_input_ids), np.asarray(ours), atol=1e-4, rtol=1e-4)
 
 
+def test_from_pretrained_runtime_options_and_lora(hf_checkpoints):
+    from fedjax_fm.models.config import LoraConfig
+
+    directory, _ = hf_checkpoints["gated_untied"]
+    lora = LoraConfig(rank=2)
+    model, params = hf_io.from_pretrained(directory, dtype=jnp.bfloat16, remat=True, lora=lora)
+    assert model.lora == lora and model.config.dtype == jnp.bfloat16 and model.config.remat
+    assert "lora" not in params  # the frozen base; adapters come from models.lora.init_lora
+    _, plain = hf_io.from_pretrained(directory)
+    jax.tree.map(np.testing.assert_array_equal, params, plain)
+
+
 def test_sharded_checkpoint_round_trip(hf_checkpoints, tmp_path):
     directory, hf_model = hf_checkpoints["gated_untied"]
     config = hf_io.read_config(directory)

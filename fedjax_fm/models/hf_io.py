@@ -263,7 +263,8 @@ def hf_state_dict_from_params(
     if "lora" in params:
         raise CheckpointError(
             "params carry a 'lora' collection: merge the adapters into the base weights first "
-            "(or export them as a PEFT adapter); a HF T5 checkpoint has no place for them"
+            "(fedjax_fm.models.lora.merge_lora) or export them as a PEFT adapter "
+            "(save_peft_adapter); a HF T5 checkpoint has no place for them"
         )
     tree = params["params"] if "params" in params else params
     problems: list[str] = []
@@ -460,12 +461,12 @@ def config_from_hf_dict(hf: Mapping[str, Any], *, source: str = CONFIG_FILE, **r
         raise CheckpointError(f"'{source}': {err}") from err
 
 
-def hf_config_dict(config: T5Config) -> dict[str, Any]:
+def hf_config_dict(config: T5Config, weights_dtype: str = "float32") -> dict[str, Any]:
     """``config.json`` contents for ``config``, readable by transformers 4.x and 5.x."""
     out = config.to_hf_dict()
     # transformers 5 reads the head type from here (it always ties T5's embeddings).
     out["scale_decoder_outputs"] = bool(config.tie_word_embeddings)
-    out["torch_dtype"] = "float32"
+    out["dtype"] = out["torch_dtype"] = weights_dtype  # 5.x reads "dtype", 4.x "torch_dtype"
     return out
 
 
@@ -541,9 +542,9 @@ def from_pretrained(
       dtype: compute dtype of the module (default float32).
       param_dtype: dtype the weights are cast to (default float32).
       remat: rematerialise each block in the backward pass.
-      lora: if given, the model is built as ``T5(config, lora=lora)``; its adapters
-        (the ``"lora"`` collection) are created by ``fedjax_fm.models.lora``, and
-        ``params`` stays the frozen base.
+      lora: if given, the model is built as ``T5(config, lora=lora)``; ``params``
+        stays the frozen base and the adapters (the ``"lora"`` collection) come from
+        ``fedjax_fm.models.lora.init_lora(params, lora, rng)``.
 
     Returns ``(model, params)``: the Flax ``T5`` and its params tree of ``jax.Array``
     (same structure as ``init_params``; apply with ``{"params": params}``).
@@ -584,9 +585,7 @@ def save_pretrained(
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = hf_state_dict_from_params(params, config, dtype=dtype)
     save_safetensors_checkpoint(state_dict, out_dir, max_shard_size=max_shard_size)
-    hf = hf_config_dict(config)
-    first = next(iter(state_dict.values()))
-    hf["torch_dtype"] = "bfloat16" if first.dtype.name == "bfloat16" else str(first.dtype)
+    hf = hf_config_dict(config, weights_dtype=next(iter(state_dict.values())).dtype.name)
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     generation = {
         "decoder_start_token_id": config.decoder_start_token_id,
