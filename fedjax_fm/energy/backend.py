@@ -129,7 +129,7 @@ def make_backend(
         return RaplBackend.discover(sysfs_root, reader=reader)
     if kind == "constant":
         if constant_watts is None:
-            raise PowerBackendUnavailable("no watts declared (set energy.constant_watts)")
+            raise PowerBackendUnavailable("no watts declared (energy.watts, or --constant-watts)")
         return ConstantBackend(float(constant_watts))
     if kind == "none":
         return NoneBackend()
