@@ -357,7 +357,7 @@ def test_embed_tokens_differing_from_shared(copy_of):
         hf_io.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("keep_bytes", [20, 5000])
+@pytest.mark.parametrize("keep_bytes", [20, 5000, -100])
 def test_truncated_safetensors(copy_of, keep_bytes):
     directory = copy_of()
     path = directory / "model.safetensors"

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,73 +162,77 @@ def params_from_hf_state_dict(
     config: T5Config,
     *,
     source: str | Mapping[str, str] = "state dict",
+    convert: Callable[[np.ndarray], Any] | None = None,
 ) -> dict[str, Any]:
     """Converts a Hugging Face T5 state dict (PyTorch names) into our params tree.
 
     Args:
       state_dict: HF tensor name -> array (NumPy, or anything ``np.asarray`` accepts).
+        Values are read one at a time, so a lazy mapping over files keeps at most one
+        tensor in host memory beyond what ``convert`` keeps.
       config: the architecture; it decides which tensors are expected and their shapes.
       source: file name used in error messages, or a map tensor name -> file (sharded).
+      convert: applied to each ``[in, out]`` array before it goes into the tree
+        (e.g. ``jnp.asarray`` with a dtype); default: a contiguous NumPy copy.
 
-    Returns the params tree (nested dict of NumPy arrays, the checkpoint's dtype,
-    ``[in, out]`` kernels, contiguous copies): what ``init_params`` returns, to be
-    used as ``model.apply({"params": params}, ...)``.
+    Returns the params tree (nested dict; the checkpoint's dtype unless ``convert``
+    changes it): what ``init_params`` returns, applied as ``model.apply({"params": params}, ...)``.
 
     Raises ``CheckpointError`` naming the tensor, the file, expected and actual shape
-    for any missing, mis-shaped or unexpected tensor.
+    for any missing, mis-shaped or unexpected tensor, before converting anything.
     """
-    specs = param_specs(config)
-    arrays = {name: np.asarray(value) for name, value in state_dict.items()}
-    shared = arrays.get("shared.weight")
-    if shared is None:
-        # HF checkpoints occasionally keep only a stack's copy of the shared embedding.
-        for copy_name in _TIED_COPIES_OF_SHARED:
-            if copy_name in arrays:
-                shared = arrays[copy_name]
-                arrays["shared.weight"] = shared
-                break
+    convert = np.ascontiguousarray if convert is None else convert
+    names = set(state_dict)
+    shared_name = "shared.weight"
+    if shared_name not in names:
+        # Some checkpoints keep only a stack's (tied) copy of the shared embedding.
+        shared_name = next((n for n in _TIED_COPIES_OF_SHARED if n in names), shared_name)
 
-    if not config.tie_word_embeddings and "lm_head.weight" not in arrays and shared is not None:
-        # transformers 5.x ties T5's head to `shared` whenever the file has no lm_head.
-        arrays["lm_head.weight"] = shared
+    def hf_name_in_file(spec: ParamSpec) -> str | None:
+        if spec.hf_name == "shared.weight":
+            return shared_name if shared_name in names else None
+        if spec.hf_name == "lm_head.weight" and spec.hf_name not in names:
+            # transformers 5 ties T5's head to `shared` whenever the file has no lm_head.
+            return shared_name if shared_name in names else None
+        return spec.hf_name if spec.hf_name in names else None
 
+    def shape_of(name: str) -> tuple[int, ...]:
+        shape_fn = getattr(state_dict, "shape_of", None)
+        return tuple(shape_fn(name)) if shape_fn else tuple(np.shape(state_dict[name]))
+
+    # Pass 1: names and shapes only (cheap for lazy mappings); every problem is reported at once.
     problems: list[str] = []
-    tree: dict[str, Any] = {}
-    used = set()
-    for spec in specs:
-        value = arrays.get(spec.hf_name)
-        if value is None:
+    plan: list[tuple[ParamSpec, str]] = []
+    for spec in param_specs(config):
+        name = hf_name_in_file(spec)
+        if name is None:
             problems.append(f"missing tensor {spec.hf_name!r} (expected shape {spec.hf_shape})")
             continue
-        used.add(spec.hf_name)
-        if tuple(value.shape) != spec.hf_shape:
+        shape = shape_of(name)
+        if shape != spec.hf_shape:
             problems.append(
-                f"tensor {spec.hf_name!r} in {_source_of(spec.hf_name, source)!r} has shape "
-                f"{tuple(value.shape)}, expected {spec.hf_shape}"
+                f"tensor {name!r} in {_source_of(name, source)!r} has shape {shape}, expected {spec.hf_shape}"
             )
             continue
-        node = tree
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = np.ascontiguousarray(value.T if spec.transpose else value)
+        plan.append((spec, name))
 
-    for name, value in arrays.items():
-        if name in used or name in _IGNORED_TENSORS:
-            continue
-        if name in _TIED_COPIES_OF_SHARED or (name == "lm_head.weight" and config.tie_word_embeddings):
-            if shared is not None and value.shape == shared.shape and np.array_equal(value, shared):
+    used = {name for _, name in plan}
+    for name in sorted(names - used - _IGNORED_TENSORS):
+        tied_copy = name in _TIED_COPIES_OF_SHARED or (name == "lm_head.weight" and config.tie_word_embeddings)
+        if tied_copy and shared_name in names:
+            value, shared = np.asarray(state_dict[name]), np.asarray(state_dict[shared_name])
+            if value.shape == shared.shape and np.array_equal(value, shared):
                 continue
-            what = "a tied copy of 'shared.weight'" if name != "lm_head.weight" else (
-                "the LM head; the config ties it to 'shared.weight' (tie_word_embeddings / "
-                "scale_decoder_outputs), so a different lm_head would be silently ignored"
+            what = "a tied copy of it" if name != "lm_head.weight" else (
+                "the config ties the LM head to it (tie_word_embeddings / scale_decoder_outputs), "
+                "so a different lm_head would be silently ignored"
             )
-            problems.append(f"tensor {name!r} in {_source_of(name, source)!r} differs from 'shared.weight' but is {what}")
+            problems.append(f"tensor {name!r} in {_source_of(name, source)!r} differs from {shared_name!r} but {what}")
             continue
         problems.append(
-            f"unexpected tensor {name!r} (shape {tuple(value.shape)}) in {_source_of(name, source)!r}: "
+            f"unexpected tensor {name!r} (shape {shape_of(name)}) in {_source_of(name, source)!r}: "
             "not part of this architecture"
         )
-
     if problems:
         files = source if isinstance(source, str) else ", ".join(sorted(set(source.values())))
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
@@ -236,7 +240,62 @@ def params_from_hf_state_dict(
             f"checkpoint {files!r} does not match the T5 config ({_architecture(config)}):\n  "
             + "\n  ".join(shown)
         )
+
+    # Pass 2: read, transpose Linear weights ([out, in] -> [in, out]), convert.
+    tree: dict[str, Any] = {}
+    for spec, name in plan:
+        value = np.asarray(state_dict[name])
+        node = tree
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.path[-1]] = convert(value.T if spec.transpose else value)
     return tree
+
+
+class SafetensorsFiles(Mapping):
+    """Read-on-access view of the tensors in one or more safetensors files (name -> array).
+
+    Opening reads only the headers; ``mapping[name]`` reads that one tensor. Errors
+    name the file: a corrupt header at construction, a bad tensor on access.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]):
+        from safetensors import SafetensorError, safe_open
+
+        self._error_types = (SafetensorError, OSError, ValueError)
+        self._handles: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        for path in map(Path, paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"safetensors file not found: '{path}'")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+                keys = list(handle.keys())
+            except self._error_types as err:
+                raise CheckpointError(
+                    f"'{path}' is not a readable safetensors file (truncated or corrupt download?): {err}"
+                ) from err
+            self._handles[str(path)] = handle
+            for name in keys:
+                if name in self.sources:
+                    raise CheckpointError(f"tensor {name!r} appears in both '{self.sources[name]}' and '{path}'")
+                self.sources[name] = str(path)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path = self.sources[name]
+        try:
+            return self._handles[path].get_tensor(name)
+        except self._error_types as err:
+            raise CheckpointError(f"could not read tensor {name!r} from '{path}': {err}") from err
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.sources[name]].get_slice(name).get_shape())
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
 
 # --------------------------------------------------------------------------- ours -> HF
@@ -329,40 +388,33 @@ def load_safetensors_checked(path: str | os.PathLike[str]) -> dict[str, np.ndarr
         raise CheckpointError(f"could not read safetensors file '{path}': {err}") from err
 
 
-def _load_checkpoint_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of a single-file or sharded checkpoint, plus tensor -> file for errors."""
+def open_checkpoint_tensors(directory: str | os.PathLike[str]) -> SafetensorsFiles:
+    """Lazy view of a single-file or sharded (``model.safetensors.index.json``) checkpoint.
+
+    Raises ``FileNotFoundError`` naming the directory when there are no safetensors
+    weights (and which other weight files it holds), or naming the shards an index
+    lists that are absent; ``CheckpointError`` for a bad index or a corrupt file.
+    """
+    directory = Path(directory)
     index_path = directory / SAFETENSORS_INDEX_FILE
     single_path = directory / SAFETENSORS_FILE
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
             weight_map = dict(index["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"'{index_path}' is not a valid safetensors index (needs a 'weight_map'): {err}") from err
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (directory / name).is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"shard(s) {missing} listed in '{index_path}' are missing from '{directory}'"
-            )
-        tensors: dict[str, np.ndarray] = {}
-        sources: dict[str, str] = {}
-        for shard in shard_names:
-            shard_path = directory / shard
-            for name, value in load_safetensors_checked(shard_path).items():
-                if name in tensors:
-                    raise CheckpointError(f"tensor {name!r} appears in both '{sources[name]}' and '{shard_path}'")
-                tensors[name] = value
-                sources[name] = str(shard_path)
-        not_found = sorted(name for name, shard in weight_map.items() if name not in tensors)
+            raise FileNotFoundError(f"shard(s) {missing} listed in '{index_path}' are missing from '{directory}'")
+        tensors = SafetensorsFiles([directory / name for name in shard_names])
+        not_found = sorted(name for name in weight_map if name not in tensors)
         if not_found:
-            raise CheckpointError(
-                f"'{index_path}' lists tensor(s) {not_found[:5]} that their shard files do not contain"
-            )
-        return tensors, sources
+            raise CheckpointError(f"'{index_path}' lists tensor(s) {not_found[:5]} that its shard files do not contain")
+        return tensors
     if single_path.is_file():
-        tensors = load_safetensors_checked(single_path)
-        return tensors, {name: str(single_path) for name in tensors}
+        return SafetensorsFiles([single_path])
     others = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".h5", ".msgpack", ".pt", ".pth"))
     hint = (
         f" It holds {others}: only safetensors checkpoints are read (convert with "
@@ -517,11 +569,18 @@ def read_config(directory: str | os.PathLike[str], **runtime: Any) -> T5Config:
     return config_from_hf_dict(hf, source=str(config_path), **runtime)
 
 
-def load_params(directory: str | os.PathLike[str], config: T5Config) -> dict[str, Any]:
-    """The params tree (NumPy, the file's dtype) from the safetensors weights in ``directory``."""
-    directory = Path(directory)
-    tensors, sources = _load_checkpoint_tensors(directory)
-    return params_from_hf_state_dict(tensors, config, source=sources)
+def load_params(
+    directory: str | os.PathLike[str],
+    config: T5Config,
+    *,
+    convert: Callable[[np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """The params tree from the safetensors weights in ``directory``, read one tensor at a time.
+
+    ``convert`` as in ``params_from_hf_state_dict`` (default: NumPy, the file's dtype).
+    """
+    tensors = open_checkpoint_tensors(directory)
+    return params_from_hf_state_dict(tensors, config, source=tensors.sources, convert=convert)
 
 
 def from_pretrained(
@@ -549,7 +608,6 @@ def from_pretrained(
     Returns ``(model, params)``: the Flax ``T5`` and its params tree of ``jax.Array``
     (same structure as ``init_params``; apply with ``{"params": params}``).
     """
-    import jax
     import jax.numpy as jnp
 
     from fedjax_fm.models.t5 import T5
@@ -558,8 +616,9 @@ def from_pretrained(
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     directory = _resolve_checkpoint_dir(name_or_dir)
     config = read_config(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    params = load_params(directory, config)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
+    # Straight from each file's tensor to a device array: the host never holds a
+    # second full copy of the model (matters for 3B models on 16 GB edge boards).
+    params = load_params(directory, config, convert=lambda x: jnp.asarray(x, dtype=param_dtype))
     return T5(config, lora=lora), params
 
 
@@ -606,6 +665,8 @@ __all__ = [
     "hf_config_dict",
     "hf_state_dict_from_params",
     "load_params",
+    "open_checkpoint_tensors",
+    "SafetensorsFiles",
     "load_safetensors_checked",
     "param_specs",
     "params_from_hf_state_dict",
