@@ -2,10 +2,11 @@
 
 A line reads::
 
-    round   3/10 | clients 4 | loss 2.314 | eval 2.101 | ROUGE-L 18.4 | 12.6 J | 4.1 s/round | ETA 0:00:29
+    round  3/10 | clients 4 | loss 2.314 | eval 2.101 | ROUGE-L 18.4 | 12.6 J compute | 0.091 J comm (model) | 4.1 s/round | ETA 0:00:29
 
-ROUGE and eval loss appear on evaluation rounds; joules when a power backend
-measured them (``est.`` when the configured constant-power model estimated them).
+ROUGE and eval loss appear on evaluation rounds; compute joules (clients + server)
+when a power backend measured them (``(est.)`` when the configured constant-power
+model estimated them); communication joules always come from the network model.
 The ETA is the mean wall time of the rounds run *in this process* times the rounds
 left (rounds restored from a checkpoint do not count, their time is not known).
 """
@@ -56,10 +57,11 @@ class ProgressPrinter:
             parts.append(f"eval {row['eval_loss']:.3f}")
         if row.get("rougeL") is not None:
             parts.append(f"ROUGE-L {row['rougeL']:.1f}")
-        joules = [row.get(k) for k in ("client_joules", "server_joules", "comm_joules")]
-        measured = [j for j in joules if j is not None]
-        if measured:
-            parts.append(f"{sum(measured):.1f} J" + (" est." if self.energy_is_estimate else ""))
+        compute = [row.get(k) for k in ("client_joules", "server_joules")]
+        if all(j is not None for j in compute):
+            parts.append(f"{sum(compute):.1f} J compute" + (" (est.)" if self.energy_is_estimate else ""))
+        if row.get("comm_joules") is not None:
+            parts.append(f"{row['comm_joules']:.2g} J comm (model)")
         if self._round_seconds:
             mean = sum(self._round_seconds) / len(self._round_seconds)
             parts.append(f"{mean:.1f} s/round")
