@@ -211,6 +211,8 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
         values = [r[key] for r in ok]
         if ok and all(v is not None for v in values):
             ax.bar(range(len(ok)), values, color="tab:blue")
+            if min(values) > 0 and max(values) / min(values) > 30:
+                ax.set_yscale("log")  # presets differ by orders of magnitude
             ax.set_xticks(range(len(ok)), labels, fontsize=7)
         else:
             reason = {"mfu": "no peak FLOP/s known (run 'fedjax-fm bench peak')",
