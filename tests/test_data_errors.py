@@ -110,3 +110,12 @@ def test_tokenizer_with_other_special_ids_is_rejected():
 
     with pytest.raises(DataError, match="pad_token_id=1, eos_token_id=2"):
         tokenize_examples(TextExamples(["a"], ["b"], ["0"]), OtherIds())
+
+
+def test_tfds_bad_arguments_are_named(tmp_path):
+    from fedjax_fm.data import load_tfds
+
+    with pytest.raises(DataError, match=r"tfds:glue/cola: no built-in field mapping; give input_field and target_field"):
+        load_tfds("glue/cola", "train", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"tfds:samsum: manual_dir .*missing is not a directory"):
+        load_tfds("samsum", "train", data_dir=str(tmp_path), manual_dir=str(tmp_path / "missing"))

@@ -9,6 +9,7 @@ import pytest
 from transformers import ByT5Tokenizer
 
 from fedjax_fm.data import (
+    DataError,
     DataSpec,
     PartitionSpec,
     SourceSpec,
@@ -119,6 +120,10 @@ def test_tfds_samsum_end_to_end_from_a_manual_dir(tmp_path, monkeypatch):
 
     again = load_tfds("samsum", "validation", data_dir=str(tmp_path / "tfds"), prepare=False)
     assert len(again) == 4 and set(again.ids) == {f"val{i}" for i in range(4)}
+    # A manual directory lacking a split's file is a clear error, not a half-prepared dataset.
+    partial = _write_samsum_dir(tmp_path / "partial", sizes=(("train", 2),))
+    with pytest.raises(DataError, match=r"tfds:samsum: preparing the dataset failed .*val\.json"):
+        load_tfds("samsum", "train", data_dir=str(tmp_path / "tfds2"), manual_dir=str(partial))
 
 
 def test_synthetic_tokenizer_is_trained_once_and_round_trips(tmp_path):

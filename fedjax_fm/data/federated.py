@@ -300,8 +300,8 @@ class FederatedData:
     def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None) -> Iterator[dict]:
         """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0)."""
         n = len(self.eval_tokens) if max_examples is None else min(max_examples, len(self.eval_tokens))
-        tokens = self.eval_tokens if n == len(self.eval_tokens) else TokenizedExamples(
-            *(a[:n] for a in dataclasses.astuple(self.eval_tokens)))
+        t = self.eval_tokens
+        tokens = TokenizedExamples(t.input_ids[:n], t.input_lengths[:n], t.labels[:n], t.label_lengths[:n])
         return batching.eval_batches(tokens, self.eval_examples.targets[:n], batch_size or self.eval_batch_size,
                                      ids=self.eval_examples.ids[:n])
 

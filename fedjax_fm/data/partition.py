@@ -152,7 +152,8 @@ def natural_partition(keys: Sequence[str], *, num_clients: int | None = None, se
         if num_clients > len(names):
             raise DataError(f"natural partition by {field!r}: asked for {num_clients} clients, the data has {len(names)}")
         keep = np.sort(np.random.default_rng([seed, 3]).choice(len(names), size=num_clients, replace=False))
-        dropped = {n: int((labels == n).sum()) for i, n in enumerate(names) if i not in set(keep.tolist())}
+        kept = set(keep.tolist())
+        dropped = {n: int((labels == n).sum()) for i, n in enumerate(names) if i not in kept}
         names = [names[i] for i in keep]
     return Partition(f"natural({field})", names, [np.flatnonzero(labels == n) for n in names], dropped=dropped)
 

@@ -59,11 +59,7 @@ def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | No
         manual = pathlib.Path(manual_dir)
         if not manual.is_dir():
             raise DataError(f"tfds:{name}: manual_dir {manual} is not a directory")
-    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and manual_dir is None:
-        raise DataError(
-            f"tfds:{name}: this builder needs manually downloaded files; pass manual_dir. "
-            f"Instructions: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}"
-        )
+    instructions = (getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) or "").strip()
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(download_config=download_config)
@@ -71,8 +67,9 @@ def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | No
         raise DataError(
             f"tfds:{name}: preparing this builder needs {err.name!r}; install the extra: pip install 'fedjax-fm[tensorflow]'"
         ) from err
-    except FileNotFoundError as err:
-        raise DataError(f"tfds:{name}: a file the builder needs is missing: {err}") from err
+    except Exception as err:  # tfds raises AssertionError, FileNotFoundError, ... for missing inputs
+        hint = f" This builder needs manually downloaded files in manual_dir: {instructions}" if instructions else ""
+        raise DataError(f"tfds:{name}: preparing the dataset failed ({type(err).__name__}: {err}).{hint}") from err
     return builder
 
 
