@@ -4,8 +4,8 @@ For one call, with wall time t (dispatch to ``jax.block_until_ready`` on its
 outputs), energy E joules over that time, N tokens and F model FLOPs:
 
     TPS   = N / t                                tokens per second
-    W     = E / t                                mean watts
-    η_e   = TPS / W = N / E                      tokens per second per watt (= tokens per joule)
+    W     = E / t_E                              mean watts over the sampled interval t_E ≈ t
+    η_e   = TPS / W ≈ N / E                      tokens per second per watt (≈ tokens per joule)
     MFU   = (F / t) / peak                       model FLOP utilisation, peak in FLOP/s
 
 Fields that need a missing input are None (no power source -> no joules, W, η_e;
@@ -80,7 +80,9 @@ def make_record(
     """Pure: the per-call metrics from a wall time and a power trace."""
     joules = trace.joules if trace is not None else None
     tps = _safe_div(tokens, wall_s)
-    mean_watts = _safe_div(joules, wall_s)
+    # W over the interval the energy was measured on (it brackets the call to within a
+    # sample read), so a busy host's scheduling delays cannot inflate it.
+    mean_watts = trace.mean_watts if trace is not None else None
     return CallRecord(
         name=name,
         wall_s=wall_s,

@@ -9,7 +9,8 @@ Energy of the interval [t_0, t_n] from samples (t_i, P_i):
 * otherwise the trapezoid rule: E = sum_i (t_i - t_{i-1}) (P_i + P_{i-1}) / 2.
 
 The first and last samples are taken synchronously in ``start``/``stop`` so every
-interval, however short, has both ends measured. Mean power is E / (t_n - t_0);
+interval, however short, has both ends measured and [t_0, t_n] brackets the
+metered call to within one sample read. Mean power is E / (t_n - t_0);
 peak power is the largest total sample (for RAPL, the largest per-interval mean).
 
 The thread costs CPU: each sample is a handful of small file reads or NVML calls
@@ -133,7 +134,8 @@ class PowerSampler:
         self._error: str | None = None
         self._active = backend.name != "none"
 
-    def _take(self) -> None:
+    def _take(self) -> float | None:
+        """Takes one sample; returns its time (None if the backend failed)."""
         cpu_start = time.thread_time()
         try:
             sample = self.backend.sample()
@@ -141,11 +143,12 @@ class PowerSampler:
         except (OSError, ValueError) as why:  # a rail vanished mid-run: energy becomes unknown
             self._error = f"{self.backend.name}: sampling failed: {why}"
             self._stop.set()
-            return
+            return None
         with self._lock:
             self._times.append(now)
             self._samples.append(sample)
             self._cpu_s += time.thread_time() - cpu_start
+        return now
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -156,20 +159,28 @@ class PowerSampler:
             raise RuntimeError("PowerSampler.start() called twice without stop()")
         self._times, self._samples, self._cpu_s, self._error = [], [], 0.0, None
         self._stop.clear()
-        self._start_time = self._clock()
         if self._active:
-            self._take()
+            # Thread first, first sample last: the sampled interval then starts right
+            # before the caller's clock does, whatever the thread's start-up costs.
             self._thread = threading.Thread(target=self._run, name="fedjax_fm-power-sampler", daemon=True)
             self._thread.start()
+            self._take()
+        self._start_time = self._clock()
 
     def stop(self) -> PowerTrace:
         end_time = self._clock()
         if self._thread is not None:
+            # Final sample before joining: a busy machine may take long to schedule the
+            # thread, and that delay must not stretch the sampled interval.
             self._stop.set()
+            end = self._take() if self._error is None else None
             self._thread.join()
             self._thread = None
-            if self._error is None:
-                self._take()
+            end = end if end is not None else end_time
+            with self._lock:
+                kept = sorted((t, i) for i, t in enumerate(self._times) if t <= end)
+                self._times = [t for t, _ in kept]
+                self._samples = [self._samples[i] for _, i in kept]
         if not self._active:
             self._times = [self._start_time, end_time]
         trace = summarize_samples(self.backend, self._times, self._samples, self._cpu_s)
