@@ -158,3 +158,16 @@ def test_spec_from_dict_and_partition_report():
     assert report["truncation"]["train"]["inputs_truncated"] > 0  # 32 bytes is short: counted, not hidden
     with pytest.raises(DataError, match=r"unknown key\(s\) \['batchsize'\]"):
         DataSpec.from_dict({"batchsize": 2})
+
+
+def test_prefetched_rounds_equal_direct_rounds():
+    from fedjax_fm.data import prefetch_round_batches
+
+    data = _federated(local_steps=2)
+    sampler = lambda r: [r % 4, (r + 1) % 4]  # noqa: E731
+    seen = list(prefetch_round_batches(data, range(5), sampler, depth=2))
+    assert [r for r, _, _ in seen] == list(range(5))
+    for r, clients, batches in seen:
+        direct = data.clients_round_batches(sampler(r), r)
+        assert clients == sampler(r)
+        assert all(np.array_equal(batches[k], direct[k]) for k in direct)

@@ -13,6 +13,7 @@ from fedjax_fm.data.federated import (
     build_federated_data,
     load_source,
     partition_examples,
+    prefetch_round_batches,
 )
 from fedjax_fm.data.local_files import read_client_folder, read_examples, write_jsonl
 from fedjax_fm.data.partition import (
@@ -42,7 +43,7 @@ __all__ = [
     "SourceSpec", "TFDS_FIELDS", "TextExamples", "TokenizedExamples", "TruncationReport", "build_federated_data",
     "cached_tokenize", "dirichlet_group_partition", "dirichlet_quantity_partition", "enforce_min_examples",
     "eval_batches", "format_prompts", "gather_batches", "iid_partition", "length_buckets", "load_source",
-    "load_tfds", "natural_partition", "partition_examples", "prepare_tfds", "read_client_folder", "read_examples",
+    "load_tfds", "natural_partition", "partition_examples", "prefetch_round_batches", "prepare_tfds", "read_client_folder", "read_examples",
     "real_examples_per_round", "round_slots", "synthetic_corpus", "synthetic_dialogue", "synthetic_examples",
     "synthetic_tokenizer", "tokenize_examples", "write_jsonl",
 ]
