@@ -70,6 +70,10 @@ _TIED_COPIES_OF_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.w
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
+# Weight files of the HF layout that save_safetensors_checkpoint writes (and replaces).
+_WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be used as it is (corrupt, wrong shape, wrong model)."""
 
@@ -453,8 +457,8 @@ def save_safetensors_checkpoint(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("model*.safetensors"), out_dir / SAFETENSORS_INDEX_FILE]:
-        if stale.is_file() and (stale.name == SAFETENSORS_FILE or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale.name) or stale.name == SAFETENSORS_INDEX_FILE):
+    for stale in out_dir.iterdir():
+        if _WEIGHT_FILE.fullmatch(stale.name) and stale.is_file():
             stale.unlink()
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     tensors = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
