@@ -1,5 +1,7 @@
 """Tokenisation, static round batches, determinism, eval batches, and the build entry point."""
 
+import warnings
+
 import numpy as np
 import pytest
 from transformers import ByT5Tokenizer
@@ -171,3 +173,16 @@ def test_prefetched_rounds_equal_direct_rounds():
         direct = data.clients_round_batches(sampler(r), r)
         assert clients == sampler(r)
         assert all(np.array_equal(batches[k], direct[k]) for k in direct)
+
+
+def test_content_skew_by_length_bucket():
+    spec = DataSpec(source=SourceSpec(num_train=80, num_eval=2),
+                    partition=PartitionSpec(method="dirichlet_group", group_field="length_bucket", alpha=0.1,
+                                            num_length_buckets=4, drop_small_clients=True),
+                    max_input_length=400, max_target_length=16, local_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small alpha may drop an empty client; that is allowed here
+        data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=4)
+    groups = data.report()["partition"]["group_counts"]
+    assert set().union(*(g.keys() for g in groups.values())) <= {f"len_q{q}" for q in range(4)}
+    assert sum(sum(g.values()) for g in groups.values()) + sum(data.partition.dropped.values()) == 80
