@@ -385,6 +385,32 @@ def test_missing_shard(hf_checkpoints, tmp_path):
         hf_io.from_pretrained(tmp_path / "s")
 
 
+def test_bad_index(hf_checkpoints, tmp_path):
+    directory, _ = hf_checkpoints["gated_untied"]
+    config = hf_io.read_config(directory)
+    hf_io.save_pretrained(config, hf_io.load_params(directory, config), tmp_path / "s", max_shard_size=6000)
+    index_path = tmp_path / "s" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["decoder.block.9.layer.0.layer_norm.weight"] = next(iter(index["weight_map"].values()))
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(hf_io.CheckpointError, match=r"index\.json' lists tensor\(s\) \['decoder\.block\.9\.layer\.0\.layer_norm\.weight'\]"):
+        hf_io.from_pretrained(tmp_path / "s")
+    index_path.write_text("[]")
+    with pytest.raises(hf_io.CheckpointError, match=r"index\.json' is not a valid safetensors index"):
+        hf_io.from_pretrained(tmp_path / "s")
+
+
+def test_tokenizer_larger_than_vocab_is_refused(hf_checkpoints, tmp_path):
+    class FakeTokenizer:
+        def __len__(self):
+            return VOCAB + 1
+
+    directory, _ = hf_checkpoints["relu_tied"]
+    model, params = hf_io.from_pretrained(directory)
+    with pytest.raises(ValueError, match="tokenizer has 65 tokens but the model's vocab_size is 64"):
+        hf_io.save_pretrained(model, params, tmp_path / "x", tokenizer=FakeTokenizer())
+
+
 def test_preset_name_is_not_a_checkpoint():
     with pytest.raises(hf_io.CheckpointError, match=r"'tiny' is a preset name.*init_params"):
         hf_io.from_pretrained("tiny")
@@ -396,6 +422,27 @@ def test_hub_name_unreachable_gives_clear_error():
     # This machine (and CI) has no route to the Hub; with one, the repo does not exist.
     with pytest.raises(FileNotFoundError, match=r"'fedjax-fm-tests/no-such-model' is not a local directory.*Hugging Face Hub"):
         hf_io.from_pretrained("fedjax-fm-tests/no-such-model")
+
+
+def test_hub_download_path(hf_checkpoints, tmp_path, monkeypatch):
+    """The Hub branch with snapshot_download replaced by a local copy (no network in tests)."""
+    import huggingface_hub
+
+    directory, _ = hf_checkpoints["relu_tied"]
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(directory if repo_id == "org/good" else tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _ = hf_io.from_pretrained("org/good")
+    assert model.config.feed_forward_proj == "relu"
+    assert calls[0][0] == "org/good" and "*.safetensors" in calls[0][1] and "spiece.model" in calls[0][1]
+    assert not any(p.endswith((".bin", ".h5", ".msgpack")) for p in calls[0][1])
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="the Hub repo 'org/bin-only' has no safetensors weights"):
+        hf_io.from_pretrained("org/bin-only")
 
 
 def test_export_rejects_bad_params(hf_checkpoints):

@@ -559,6 +559,10 @@ def _resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
         ) from err
 
 
+def _has_safetensors(directory: Path) -> bool:
+    return (directory / SAFETENSORS_FILE).is_file() or (directory / SAFETENSORS_INDEX_FILE).is_file()
+
+
 def read_config(directory: str | os.PathLike[str], **runtime: Any) -> T5Config:
     """The ``T5Config`` in ``directory/config.json`` (errors name the file)."""
     config_path = Path(directory) / CONFIG_FILE
@@ -620,6 +624,11 @@ def from_pretrained(
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     directory = _resolve_checkpoint_dir(name_or_dir)
     config = read_config(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    if not Path(os.fspath(name_or_dir)).expanduser().is_dir() and not _has_safetensors(directory):
+        raise FileNotFoundError(
+            f"the Hub repo '{os.fspath(name_or_dir)}' has no safetensors weights ({SAFETENSORS_FILE} or "
+            f"{SAFETENSORS_INDEX_FILE}); fedjax_fm reads only safetensors checkpoints"
+        )
     # Straight from each file's tensor to a device array: the host never holds a
     # second full copy of the model (matters for 3B models on 16 GB edge boards).
     params = load_params(directory, config, convert=lambda x: jnp.asarray(x, dtype=param_dtype))
@@ -644,6 +653,11 @@ def save_pretrained(
     Returns ``out_dir``.
     """
     config = model if isinstance(model, T5Config) else model.config
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: "
+            "ids beyond the embedding table would be out of range"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = hf_state_dict_from_params(params, config, dtype=dtype)
