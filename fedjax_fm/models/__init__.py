@@ -36,3 +36,7 @@ from fedjax_fm.models.lora import (  # noqa: E402  (LoRA adapters, engineer F)
 )
 
 __all__ += ["init_lora", "load_peft_adapter", "merge_lora", "save_peft_adapter"]
+
+from fedjax_fm.models.tokenizer import load_tokenizer, train_sentencepiece_tokenizer  # noqa: E402  (engineer M2)
+
+__all__ += ["load_tokenizer", "train_sentencepiece_tokenizer"]
