@@ -529,8 +529,12 @@ def hf_config_dict(config: T5Config, weights_dtype: str = "float32") -> dict[str
 # --------------------------------------------------------------------------- directories / hub
 
 
-def _resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
-    """A local directory as it is; otherwise a Hub repo id, downloaded (config, safetensors, tokenizer)."""
+def resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
+    """A local directory as it is; otherwise a Hub repo id, downloaded (config, safetensors, tokenizer).
+
+    Errors: ``CheckpointError`` for a preset name or a file, ``FileNotFoundError`` for a
+    missing local path or a Hub id that cannot be fetched (offline, no such repo).
+    """
     text = os.fspath(name_or_dir)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -557,6 +561,9 @@ def _resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). If you are offline, "
             "download it elsewhere (`huggingface-cli download <repo>`) and pass the local directory."
         ) from err
+
+
+_resolve_checkpoint_dir = resolve_checkpoint_dir  # earlier private name, still used by callers
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -622,7 +629,7 @@ def from_pretrained(
 
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
-    directory = _resolve_checkpoint_dir(name_or_dir)
+    directory = resolve_checkpoint_dir(name_or_dir)
     config = read_config(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
     if not Path(os.fspath(name_or_dir)).expanduser().is_dir() and not _has_safetensors(directory):
         raise FileNotFoundError(
@@ -689,6 +696,7 @@ __all__ = [
     "param_specs",
     "params_from_hf_state_dict",
     "read_config",
+    "resolve_checkpoint_dir",
     "save_pretrained",
     "save_safetensors_checkpoint",
 ]
