@@ -467,3 +467,22 @@ def test_config_object_round_trips_through_config_json():
     again = hf_io.config_from_hf_dict(json.loads(json.dumps(hf_io.hf_config_dict(config))))
     assert again == config
     assert isinstance(again, T5Config)
+
+
+def test_released_flan_t5_config_reads_as_the_preset():
+    """google/flan-t5-small's config.json (written by transformers 4.23), as published."""
+    released = {
+        "architectures": ["T5ForConditionalGeneration"], "d_ff": 1024, "d_kv": 64, "d_model": 512,
+        "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "n_positions": 512,
+        "num_decoder_layers": 8, "num_heads": 6, "num_layers": 8, "output_past": True, "pad_token_id": 0,
+        "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.23.1",
+        "use_cache": True, "vocab_size": 32128,
+    }
+    assert hf_io.config_from_hf_dict(released) == preset("flan-t5-small")
+    # Original T5 (t5-small) leaves feed_forward_proj and tie_word_embeddings to the defaults.
+    original = {"model_type": "t5", "d_ff": 2048, "d_kv": 64, "d_model": 512, "num_heads": 8, "num_layers": 6, "vocab_size": 32128}
+    config = hf_io.config_from_hf_dict(original)
+    assert config.feed_forward_proj == "relu" and config.tie_word_embeddings and config.num_decoder_layers == 6
