@@ -99,8 +99,10 @@ def test_samsum_json_source_builds(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                     reason="preparing TFDS SAMSum needs TensorFlow (pip install 'fedjax-fm[tensorflow]')")
 def test_tfds_samsum_end_to_end_from_a_manual_dir(tmp_path, monkeypatch):
-    # Fully offline: no GCS lookups, and the manual directory is written here.
-    monkeypatch.setenv("TFDS_DISABLE_GCS", "1")
+    # Fully offline: GCS lookups off (tfds's own switch), and the manual directory is written here.
+    from tensorflow_datasets.core.utils import gcs_utils
+
+    monkeypatch.setattr(gcs_utils, "_is_gcs_disabled", True)
     manual = _write_samsum_dir(tmp_path / "manual")
     spec = DataSpec(
         source=SourceSpec(kind="tfds", name="samsum", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
