@@ -86,6 +86,12 @@ def test_client_folder_gives_a_natural_partition(tmp_path):
     batch = data.client_round_batches("jetson_1", 0)
     texts = {TOKENIZER.decode(row[row > 1]) for row in batch["input_ids"].reshape(-1, 48)}
     assert all("jetson_1" in t for t in texts)  # a client only ever sees its own file
+    # Without an eval file, a seeded fraction is held out instead.
+    held = build_federated_data(
+        DataSpec(source=SourceSpec(kind="client_folder", path=str(tmp_path / "clients"), eval_fraction=0.2),
+                 partition=PartitionSpec(method="natural"), max_input_length=48, max_target_length=8, batch_size=2),
+        TOKENIZER, seed=0)
+    assert len(held.eval_tokens) == 2 and sum(held.num_examples(c) for c in held.client_ids) == 8
 
 
 def test_samsum_json_source_builds(tmp_path):

@@ -43,6 +43,9 @@ class SourceSpec:
       ``file``: one JSON/JSONL/CSV file ``path`` (train) and ``eval_path``.
       ``client_folder``: ``path`` = ``DIR/<client_id>.jsonl`` files; column ``client``;
         ``eval_path`` a file or another client folder (pooled for evaluation).
+
+    For ``file`` and ``client_folder`` without an ``eval_path``, ``eval_fraction`` holds
+    out that seeded random fraction of the examples for evaluation instead.
     """
 
     kind: SourceKind = "synthetic"
@@ -64,6 +67,7 @@ class SourceSpec:
     extra_fact_prob: float = 0.3
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    eval_fraction: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,12 +189,28 @@ def load_source(source: SourceSpec, *, seed: int, partition_columns: Sequence[st
             train = read_client_folder(source.path, **_file_kwargs(source, wanted))
         else:
             train = _read_path(source.path, source, wanted)
-        if not source.eval_path:
-            raise DataError(f"data.source: kind {source.kind!r} needs eval_path (a held-out file or folder)")
-        evaluation = _read_path(source.eval_path, source, [])
+        if source.eval_path:
+            evaluation = _read_path(source.eval_path, source, [])
+        elif source.eval_fraction is not None:
+            train, evaluation = _hold_out(train, source.eval_fraction, seed=seed)
+        else:
+            raise DataError(f"data.source: kind {source.kind!r} needs eval_path (a held-out file or folder) "
+                            "or eval_fraction")
     else:
         raise DataError(f"data.source: unknown kind {source.kind!r}; use synthetic, tfds, samsum_json, file, client_folder")
     return train.head(source.max_train_examples), evaluation.head(source.max_eval_examples)
+
+
+def _hold_out(examples: TextExamples, fraction: float, *, seed: int) -> tuple[TextExamples, TextExamples]:
+    """Split off a seeded random ``fraction`` (at least one example) as the eval set."""
+    if not 0 < fraction < 1:
+        raise DataError(f"data.source.eval_fraction must be in (0, 1), got {fraction}")
+    n = len(examples)
+    num_eval = max(1, int(round(fraction * n)))
+    if num_eval >= n:
+        raise DataError(f"{examples.origin}: eval_fraction={fraction} of {n} examples leaves nothing to train on")
+    order = np.random.default_rng([seed, 4]).permutation(n)
+    return examples.select(np.sort(order[num_eval:])), examples.select(np.sort(order[:num_eval]))
 
 
 def partition_examples(examples: TextExamples, tokens: TokenizedExamples, spec: PartitionSpec, *,
