@@ -98,3 +98,14 @@ def test_training_errors(tmp_path):
         train_sentencepiece_tokenizer(["hello"], tmp_path, vocab_size=10, extra_ids=8)
     with pytest.raises(TypeError, match="texts must be strings"):
         train_sentencepiece_tokenizer([b"bytes"], tmp_path)
+
+
+def test_transformers_ids_equal_sentencepiece_ids(trained):
+    """transformers' converted tokenizer segments exactly like the trained spiece.model."""
+    import sentencepiece as spm
+
+    directory, tokenizer = trained
+    processor = spm.SentencePieceProcessor(model_file=str(directory / "spiece.model"))
+    texts = _dialogues(50, seed=7) + ["  spaces  around ", "tab\tand\nnewline", "Zürich 5€", "a.b,c!d?"]
+    for text in texts:
+        assert tokenizer(text).input_ids == processor.encode(text) + [EOS_ID], repr(text)
