@@ -9,9 +9,9 @@ Read top to bottom, a run is::
     model   = preset or HF checkpoint (+ LoRA adapters)      variables = {"params", ["lora"]}
     state   = algorithm.init(trainable, seed)                 (or restored: --resume)
     round 0 = evaluation before training (eval.at_start)
-    for t in rounds:
-        ids     = sample_clients(seed, t)                     pure in (seed, t)
-        batches = data.round_batches(seed, t, ids)            pure in (seed, t, client)
+    for t in 1..rounds:                                       (randomness keyed by r = t - 1, rounds done)
+        ids     = sample_clients(seed, r)                     pure in (seed, r)
+        batches = data.clients_round_batches(ids, r)          pure in (seed, r, client)
         client phase  (metered)  deltas, n_k, metrics
         server phase  (metered)  aggregate + server optimiser -> new state
         communication            bytes from the pytrees; time and joules from a network profile
@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import jax
 import jax.numpy as jnp
