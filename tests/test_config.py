@@ -26,3 +26,10 @@ def test_bad_config_is_rejected_with_the_field_name():
         preset("flan-t5-huge")
     with pytest.raises(ValueError, match="unknown LoRA target"):
         LoraConfig(target_modules=("query",))
+
+
+def test_transformers5_head_flag_decides_tying():
+    # transformers 5 writes tie_word_embeddings=true for every T5 and keeps the head type here.
+    flan = T5Config.from_hf_dict({"model_type": "t5", "tie_word_embeddings": True, "scale_decoder_outputs": False})
+    assert not flan.tie_word_embeddings
+    assert preset("tiny").to_hf_dict()["scale_decoder_outputs"] is False

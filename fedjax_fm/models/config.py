@@ -114,6 +114,9 @@ class T5Config:
         """The architecture as a Hugging Face ``config.json`` dictionary."""
         out: dict[str, Any] = {name: getattr(self, name) for name in _HF_FIELDS}
         out["feed_forward_proj"] = "gated-gelu" if self.is_gated else "relu"
+        # transformers >= 5 always ties T5's embeddings in the config and keeps the real
+        # distinction (original T5 tied head vs. v1.1 untied head) in this key.
+        out["scale_decoder_outputs"] = bool(self.tie_word_embeddings)
         out.update(
             model_type="t5",
             architectures=["T5ForConditionalGeneration"],
@@ -153,6 +156,9 @@ class T5Config:
             elif name in hf_defaults:
                 kwargs[name] = hf_defaults[name]
         kwargs["feed_forward_proj"] = proj
+        if hf.get("scale_decoder_outputs") is not None:
+            # Written by transformers >= 5, where tie_word_embeddings is always true for T5.
+            kwargs["tie_word_embeddings"] = bool(hf["scale_decoder_outputs"])
         if "num_decoder_layers" not in hf or hf["num_decoder_layers"] is None:
             kwargs["num_decoder_layers"] = kwargs.get("num_layers", 6)
         return cls(**kwargs, **runtime)

@@ -493,7 +493,7 @@ def save_safetensors_checkpoint(
 
 
 def config_from_hf_dict(hf: Mapping[str, Any], *, source: str = CONFIG_FILE, **runtime: Any) -> T5Config:
-    """``T5Config`` from a ``config.json`` dict, reading transformers 5.x's ``scale_decoder_outputs``.
+    """``T5Config`` from a ``config.json`` dict, with errors that name the file.
 
     Raises ``CheckpointError`` naming ``source`` for another architecture or an
     unsupported feed-forward type.
@@ -506,10 +506,6 @@ def config_from_hf_dict(hf: Mapping[str, Any], *, source: str = CONFIG_FILE, **r
             f"'{source}' describes model_type={model_type!r} (architectures={architectures}), "
             "not a T5 model; fedjax_fm reads T5 / T5 v1.1 / FLAN-T5 checkpoints (model_type 't5')"
         )
-    if "scale_decoder_outputs" in hf:
-        # transformers >= 5 forces tie_word_embeddings=True for T5 and keeps the real
-        # distinction (original T5 head vs. v1.1 head) here.
-        hf["tie_word_embeddings"] = bool(hf["scale_decoder_outputs"])
     try:
         return T5Config.from_hf_dict(hf, **runtime)
     except (ValueError, TypeError) as err:
@@ -518,9 +514,7 @@ def config_from_hf_dict(hf: Mapping[str, Any], *, source: str = CONFIG_FILE, **r
 
 def hf_config_dict(config: T5Config, weights_dtype: str = "float32") -> dict[str, Any]:
     """``config.json`` contents for ``config``, readable by transformers 4.x and 5.x."""
-    out = config.to_hf_dict()
-    # transformers 5 reads the head type from here (it always ties T5's embeddings).
-    out["scale_decoder_outputs"] = bool(config.tie_word_embeddings)
+    out = config.to_hf_dict()  # includes transformers 5's scale_decoder_outputs
     out["dtype"] = out["torch_dtype"] = weights_dtype  # 5.x reads "dtype", 4.x "torch_dtype"
     return out
 
