@@ -190,6 +190,17 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
     merged = {"params": merge_lora(final["params"], final["lora"], setup.lora_config(cfg))}
     plain = np.asarray(T5(model.config).apply(merged, enc["input_ids"], enc["attention_mask"], dec, np.ones_like(dec)))
     np.testing.assert_allclose(plain, ours, atol=2e-4, rtol=2e-4)
+    # The PEFT adapter on the exported base gives them as well.
+    peft = pytest.importorskip("peft")
+    base = transformers.T5ForConditionalGeneration.from_pretrained(str(out / "export" / "base"))
+    adapted = peft.PeftModel.from_pretrained(base, str(out / "export" / "adapter")).eval()
+    with torch.no_grad():
+        via_peft = adapted(
+            input_ids=torch.tensor(enc["input_ids"]),
+            attention_mask=torch.tensor(enc["attention_mask"]),
+            decoder_input_ids=torch.tensor(dec, dtype=torch.long),
+        ).logits.numpy()
+    np.testing.assert_allclose(via_peft, ours, atol=2e-4, rtol=2e-4)
 
 
 def test_report_overlays_runs(reference_run, tiny_config, tmp_path):
@@ -198,11 +209,15 @@ def test_report_overlays_runs(reference_run, tiny_config, tmp_path):
 
     out, _ = reference_run
     other = tmp_path / "fedavg"
-    run_experiment(
+    # The second run is full fine-tuning (lora: null) with FedAvg: that path end to end too.
+    summary = run_experiment(
         load_config(tiny_config, ["federated.server_optimizer.name=fedavg", "federated.server_optimizer.learning_rate=1.0",
-                                  "output.export=false"]),
+                                  "lora=null"]),
         other,
     )
+    assert summary["mode"] == "full" and summary["num_trainable_params"] == summary["num_params"]
+    assert (other / "export" / "model" / "model.safetensors").is_file()
+    assert not (other / "export" / "adapter").exists()
     parser = argparse.ArgumentParser()
     add_report_command(parser.add_subparsers())
     args = parser.parse_args(["report", str(out), str(other), "--out", str(tmp_path / "report")])
