@@ -66,7 +66,9 @@ def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callab
         directory = out_dir / "tokenizer"
         if (directory / "spiece.model").is_file():
             return load_tokenizer(directory)
-        vocab = cfg.model.vocab_size or model_config(cfg).vocab_size
+        vocab = cfg.model.vocab_size or (model_config(cfg).vocab_size if not wants_pretrained(cfg) else None)
+        if vocab is None:
+            raise ConfigError("model.tokenizer 'train-sentencepiece' with a pretrained model needs model.vocab_size")
         return train_sentencepiece_tokenizer(training_texts(), directory, vocab, seed=cfg.seed)
     if mode == "byt5":
         from transformers import ByT5Tokenizer
@@ -78,29 +80,30 @@ def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callab
 # ---------------------------------------------------------------------------- model
 
 
-def model_config(cfg: ExperimentConfig, tokenizer: Any = None):
-    """The :class:`T5Config`: a preset (+ ``vocab_size``) or a checkpoint's ``config.json``."""
+def _runtime(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dict(dtype=jnp_dtype(cfg.model.dtype), param_dtype=jnp_dtype(cfg.model.param_dtype), remat=cfg.model.remat)
+
+
+def model_config(cfg: ExperimentConfig):
+    """The :class:`T5Config` of a randomly initialised model: a preset (+ ``vocab_size``) or
+    the ``config.json`` of a local directory. (Pretrained models bring their own.)"""
     from fedjax_fm.models.config import preset
 
-    runtime = dict(dtype=jnp_dtype(cfg.model.dtype), param_dtype=jnp_dtype(cfg.model.param_dtype), remat=cfg.model.remat)
     name = cfg.model.name
-    if is_preset(name) and not (wants_pretrained(cfg) and Path(name).is_dir()):
-        overrides = dict(runtime)
+    if is_preset(name):
+        overrides = _runtime(cfg)
         if cfg.model.vocab_size is not None:
             overrides["vocab_size"] = cfg.model.vocab_size
-        config = preset(name, **overrides)
-    else:
-        from fedjax_fm.models.hf_io import _resolve_checkpoint_dir, read_config
-
-        directory = _resolve_checkpoint_dir(name)
-        config = read_config(directory, **runtime)
-        if cfg.model.vocab_size is not None:
-            config = config.replace(vocab_size=cfg.model.vocab_size)
-    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        return preset(name, **overrides)
+    if not Path(name).is_dir():
         raise ConfigError(
-            f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+            f"model.name={name!r} is neither a preset nor a local directory; a hub model needs "
+            "model.init 'pretrained' (or 'auto')"
         )
-    return config
+    from fedjax_fm.models.hf_io import read_config
+
+    config = read_config(name, **_runtime(cfg))
+    return config if cfg.model.vocab_size is None else config.replace(vocab_size=cfg.model.vocab_size)
 
 
 def lora_config(cfg: ExperimentConfig):
@@ -114,21 +117,37 @@ def lora_config(cfg: ExperimentConfig):
 
 
 def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    """``(model, variables)`` with ``variables = {"params": base}`` plus ``"lora"`` adapters."""
+    """``(model, variables)`` with ``variables = {"params": base}`` plus ``"lora"`` adapters.
+
+    Pretrained weights come from ``hf_io.from_pretrained`` (a local directory or a hub
+    id); otherwise the architecture is initialised from ``fold_in(PRNGKey(seed), tag)``.
+    LoRA adapters are always fresh (``A`` random from the seed, ``B = 0``).
+    """
     from fedjax_fm.models.t5 import T5, init_params
 
     seed_key = jax.random.PRNGKey(cfg.seed)
     lora = lora_config(cfg)
-    config = model_config(cfg, tokenizer)
     if wants_pretrained(cfg):
         from fedjax_fm.models.hf_io import from_pretrained
 
+        runtime = _runtime(cfg)
         model, params = from_pretrained(
-            cfg.model.name, dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat, lora=lora
+            cfg.model.name, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat, lora=lora
         )
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != model.config.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} differs from the pretrained model's "
+                f"{model.config.vocab_size} ({cfg.model.name}); leave it unset"
+            )
     else:
+        config = model_config(cfg)
         model = T5(config, lora=lora)
         params = init_params(config, jax.random.fold_in(seed_key, MODEL_INIT_STREAM))
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size} (model.vocab_size)"
+        )
     variables: dict[str, Any] = {"params": params}
     if lora is not None:
         from fedjax_fm.models import lora as lora_lib

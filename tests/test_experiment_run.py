@@ -227,3 +227,18 @@ def test_report_overlays_runs(reference_run, tiny_config, tmp_path):
     assert "ROUGE-L" in text
     assert (tmp_path / "report" / "rougeL.png").is_file()
     assert (tmp_path / "report" / "train_loss.png").is_file()
+
+
+def test_pretrained_local_checkpoint_continues_from_the_export(reference_run, tiny_config, tmp_path):
+    """``model.name`` = a local HF directory (the reference export): weights and tokenizer load
+    from it, and its round-0 evaluation reproduces the reference's final one."""
+    out, reference = reference_run
+    summary = run_experiment(
+        load_config(tiny_config, [f"model.name={out / 'export' / 'model'}", "model.init=auto", "model.tokenizer=auto",
+                                  "model.vocab_size=null", "federated.rounds=1", "output.export=false",
+                                  "output.plots=false"]),
+        tmp_path / "continued",
+    )
+    assert summary["initial"]["round"] == 0
+    assert summary["initial"]["eval_loss"] == pytest.approx(reference["final"]["eval_loss"], rel=1e-4)
+    assert summary["initial"]["rougeL"] == pytest.approx(reference["final"]["rougeL"], abs=1e-6)
