@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from fedjax_fm import run_setup as setup
 from fedjax_fm.checkpoint import CheckpointError, CheckpointStore
+from fedjax_fm.compile_watch import CompileWatch
 from fedjax_fm.config import ConfigError, ExperimentConfig, config_to_dict, dump_config, load_config
 from fedjax_fm.fingerprint import params_sha256
 from fedjax_fm.progress import ProgressPrinter, TensorBoardWriter
@@ -56,7 +56,7 @@ METRIC_FIELDS = (
     "round", "clients", "train_loss", "eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum",
     "tokens", "client_seconds", "client_joules", "server_seconds", "server_joules",
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
-    "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds",
+    "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
     "energy_source", "energy_is_estimate",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -265,8 +265,10 @@ class Experiment:
         meter = self.energy.meter
         with meter.section("clients") as section:
             outputs = section.block(self.algorithm.run_clients(self.state, self.frozen, batches, ids))
-            section.tokens = jnp.sum(outputs.metrics["tokens"])
-            section.flops = None if self.step_flops is None else self.step_flops * jnp.sum(outputs.metrics["steps"])
+            # Host-side sums: a jnp reduction here would compile inside the metered window.
+            counts = jax.device_get({"tokens": outputs.metrics["tokens"], "steps": outputs.metrics["steps"]})
+            section.tokens = float(np.sum(counts["tokens"]))
+            section.flops = None if self.step_flops is None else self.step_flops * float(np.sum(counts["steps"]))
         client = section.record
         with meter.section("server") as section:
             new_state, server_metrics = section.block(self.server_step(self.state, outputs))
@@ -344,8 +346,14 @@ class Experiment:
         for round_ in range(start_round + 1, cfg.federated.rounds + 1):
             self.progress.start_round()
             t0 = time.perf_counter()
-            row = self.train_round(round_)
+            with CompileWatch() as watch:
+                row = self.train_round(round_)
             row["wall_seconds"] = time.perf_counter() - t0
+            row["compiles"] = watch.count
+            if watch.count and round_ > start_round + cfg.eval.every:
+                # Past the first round and the first evaluation every shape has been seen.
+                self.say(f"warning: round {round_} compiled {watch.count} function(s) again "
+                         f"({', '.join(sorted(set(watch.names)))}): a shape or static argument changed")
             rows.append(row)
             _append_row(self.metrics_path, row)
             board.write(row)

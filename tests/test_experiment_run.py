@@ -94,6 +94,7 @@ def test_run_writes_every_output(reference_run):
     assert rows[0]["train_loss"] is None and rows[0]["rougeL"] is not None
     assert rows[1]["rougeL"] is None and rows[2]["rougeL"] is not None and rows[4]["rougeL"] is not None
     trained = rows[1:]
+    assert [r["compiles"] for r in trained] == [0, 0, 0, 0]  # compiled once, before round 1
     assert all(r["clients"] == 2 and r["train_loss"] > 0 and r["tokens"] > 0 for r in trained)
     assert all(r["bytes_up"] == r["bytes_down"] > 0 and r["comm_seconds"] > 0 and r["granularity"] > 0 for r in trained)
     # No power backend on a test machine: joules are null, never zero or invented.
