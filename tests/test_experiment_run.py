@@ -150,9 +150,21 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tiny_config, compile
 
 def test_different_seed_gives_different_parameters(reference_run, tiny_config, tmp_path):
     _, reference = reference_run
-    summary = run_experiment(load_config(tiny_config, ["seed=1", "output.export=false", "output.plots=false"]),
-                             tmp_path / "seed1")
+    # This run also declares a constant power draw and a peak FLOP/s: energy, η_e and MFU
+    # appear, labelled as estimates (the power model never changes the parameters).
+    summary = run_experiment(
+        load_config(tiny_config, ["seed=1", "output.export=false", "output.plots=false", "energy.backend=constant",
+                                  "energy.watts=15", "energy.peak_flops=1e11"]),
+        tmp_path / "seed1",
+    )
     assert summary["params_sha256"] != reference["params_sha256"]
+    rows = [json.loads(line) for line in (tmp_path / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        assert row["energy_is_estimate"] is True and "estimate" in row["energy_source"]
+        assert row["client_joules"] == pytest.approx(15 * row["client_seconds"], rel=0.05)
+        assert row["tps_per_watt"] == pytest.approx(row["tokens"] / row["client_joules"], rel=0.05)  # W over the sampled span
+        assert row["mfu"] == pytest.approx(row["model_flops"] / row["client_seconds"] / 1e11, rel=1e-6)
+    assert summary["energy_is_estimate"] is True and summary["totals"]["joules"] > 0
 
 
 def test_export_loads_in_transformers_with_equal_logits(reference_run):
