@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # (file stem, title, y label, [(metric key, legend label)])
 PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
@@ -38,7 +39,7 @@ PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("rouge", "ROUGE (eval)", "F-measure × 100",
      (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"))),
     ("energy", "Energy per round", "joules",
-     (("client_joules", "clients (compute)"), ("server_joules", "server"), ("comm_joules", "communication"))),
+     (("client_joules", "clients (compute)"), ("server_joules", "server"), ("comm_joules", "communication (network model)"))),
     ("efficiency", "Energy efficiency η_e", "tokens / s / W", (("tps_per_watt", "η_e"),)),
     ("mfu", "Model FLOP utilisation", "MFU", (("mfu", "MFU"),)),
     ("granularity", "Granularity G = T_comp / T_comm", "G", (("granularity", "G"),)),
@@ -103,16 +104,22 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
     written = []
     for stem, title, ylabel, series in PANELS:
         fig, ax = plt.subplots(figsize=(6, 4))
-        drawn = False
+        drawn, missing = False, []
         for key, label in series:
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
                 drawn = True
+            else:
+                missing.append(label)
         if drawn:
             ax.legend()
+            if missing:  # say what is absent rather than let it read as zero
+                ax.text(0.01, 0.01, "not measured: " + ", ".join(missing), fontsize="small",
+                        transform=ax.transAxes, va="bottom")
         else:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
@@ -199,6 +206,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
         fig.tight_layout()
