@@ -155,7 +155,7 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
     """One row per run: final ROUGE and loss, best ROUGE-L, totals, fingerprint."""
     header = (
         "| run | rounds | final ROUGE-1 | final ROUGE-2 | final ROUGE-L | final ROUGE-Lsum | best ROUGE-L (round) "
-        "| final eval loss | total J | total s | MB up | MB down | params_sha256 |"
+        "| final eval loss | compute J | comm J (model) | total s | MB up | MB down | params_sha256 |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, rows, summary in runs:
@@ -176,7 +176,8 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
             _fmt(final.get("rougeLsum")),
             f"{_fmt(best['rougeL'])} ({best['round']})" if best else "–",
             _fmt(final.get("eval_loss"), 3),
-            _fmt(totals.get("joules")),
+            _fmt(totals.get("compute_joules", totals.get("joules"))),
+            _fmt(totals.get("comm_joules")),
             _fmt(totals.get("seconds")),
             _fmt(up / 1e6 if up is not None else None, 3),
             _fmt(down / 1e6 if down is not None else None, 3),

@@ -21,7 +21,8 @@ def _write_run(directory, rouge_gain: float, joules: bool):
             "comm_joules": 0.01, "tps_per_watt": 3.0 if joules else None, "mfu": None, "granularity": 50.0,
         })
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"params_sha256": "ab" * 32, "totals": {"joules": 12.3 if joules else None, "seconds": 4.5,
+    summary = {"params_sha256": "ab" * 32, "totals": {"compute_joules": 12.3 if joules else None, "comm_joules": 0.03,
+                                                       "seconds": 4.5,
                                                        "bytes_up": 2e6, "bytes_down": 2e6}}
     (directory / "summary.json").write_text(json.dumps(summary))
     return directory
@@ -45,7 +46,7 @@ def test_report_table_and_overlays(tmp_path):
     adam = lines[0].split(" | ")
     assert adam[0] == "| fedadam" and adam[1] == "3"  # rounds
     assert "25.00 (3)" in lines[0]  # best ROUGE-L and its round
-    assert "12.30" in lines[0] and "–" in lines[1]  # total joules measured / not measured
+    assert "| 12.30 | 0.03 |" in lines[0] and "| – | 0.03 |" in lines[1]  # compute J measured / not; comm J modelled
     assert "`abababababab…`" in lines[0]
     assert (tmp_path / "out" / "rougeL.png").is_file()
     assert (tmp_path / "out" / "client_joules.png").is_file()
