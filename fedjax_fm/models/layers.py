@@ -33,16 +33,33 @@ def normal_init(stddev: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=stddev)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout: ``y = x * keep / (1 - rate)`` with ``keep ~ Bernoulli(1 - rate)``.
+def dropout_seed(key: Array) -> Array:
+    """A Philox seed (uint32[4]) derived from a JAX PRNG key."""
+    data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    return jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
 
-    Same semantics as ``flax.linen.Dropout`` (rng stream ``"dropout"``, active only
-    when ``deterministic=False``), but the mask's random bits come from XLA's
-    counter-based Philox generator (``lax.rng_bit_generator``) seeded by this module's
-    ``"dropout"`` key, instead of a threefry hash per element: threefry unrolls into a
-    large graph at every dropout site, which made compiling a T5 training step several
-    times slower and its dropout masks expensive to draw on CPU. Deterministic for a
-    given key (same seed -> same masks on the same backend).
+
+def dropout_with_seed(x: Array, seed: Array, rate: float) -> Array:
+    """Inverted dropout ``x * keep / (1 - rate)``, ``keep ~ Bernoulli(1 - rate)`` drawn
+    from XLA's counter-based Philox generator: a pure function of ``seed``, so it can be
+    recomputed under ``jax.checkpoint`` instead of storing the mask."""
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    _, bits = jax.lax.rng_bit_generator(seed, x.shape, dtype=jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
+    keep_prob = 1.0 - rate
+    keep = bits < jnp.uint32(min(int(keep_prob * 2.0**32), 2**32 - 1))
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with ``flax.linen.Dropout``'s semantics (rng stream ``"dropout"``,
+    active only when ``deterministic=False``).
+
+    The mask's random bits come from XLA's Philox generator (``lax.rng_bit_generator``)
+    seeded by this module's ``"dropout"`` key, instead of a threefry hash per element:
+    threefry unrolls into a large graph at every dropout site, which made compiling a
+    T5 training step several times slower and its masks expensive to draw on CPU.
+    Deterministic for a given key (same seed -> same masks on the same backend).
     """
 
     rate: float
@@ -51,16 +68,7 @@ class Dropout(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         if deterministic or self.rate == 0.0:
             return x
-        if self.rate >= 1.0:
-            return jnp.zeros_like(x)
-        key = jax.random.key_data(self.make_rng("dropout")).reshape(-1).astype(jnp.uint32)
-        seed = jnp.concatenate([key, key ^ jnp.uint32(0x9E3779B9)])[:4]
-        _, bits = jax.lax.rng_bit_generator(
-            seed, x.shape, dtype=jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX
-        )
-        keep_prob = 1.0 - self.rate
-        keep = bits < jnp.uint32(min(int(keep_prob * 2.0**32), 2**32 - 1))
-        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+        return dropout_with_seed(x, dropout_seed(self.make_rng("dropout")), self.rate)
 
 
 class LoraDense(nn.Module):
@@ -165,15 +173,16 @@ def attention_weights_and_output(
     value: Array,
     bias: Array | None,
     mask: Array | None,
-    dropout: Dropout | None,
-    deterministic: bool,
+    dropout_seed: Array | None = None,
+    dropout_rate: float = 0.0,
 ) -> Array:
     """T5 attention: ``softmax(q k^T + bias, masked) v`` with NO ``1/sqrt(d)`` scaling.
 
     T5 folds the scaling into the initialisation of ``q``. Shapes: ``query`` [B, Q, H, D],
     ``key``/``value`` [B, K, H, D], ``bias`` broadcastable to [B, H, Q, K] (float32),
     ``mask`` boolean broadcastable to [B, H, Q, K] (True = may attend). Scores, bias,
-    mask and softmax are float32; the weighted sum runs in the value's dtype.
+    mask and softmax are float32; the weighted sum runs in the value's dtype. With a
+    ``dropout_seed`` the attention weights are dropped out at ``dropout_rate``.
     """
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -181,8 +190,8 @@ def attention_weights_and_output(
     if mask is not None:
         scores = jnp.where(mask, scores, _MASKED_LOGIT)
     weights = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        weights = dropout(weights, deterministic=deterministic)
+    if dropout_seed is not None and dropout_rate > 0.0:
+        weights = dropout_with_seed(weights, dropout_seed, dropout_rate)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
 
 
@@ -218,7 +227,6 @@ class T5Attention(nn.Module):
                 dtype=jnp.float32,
                 param_dtype=c.param_dtype,
             )
-        self.attn_dropout = Dropout(rate=c.dropout_rate)
 
     def _split_heads(self, x: Array) -> Array:
         return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -265,9 +273,10 @@ class T5Attention(nn.Module):
         key, value = kv
         if position_bias is None and self.has_relative_attention_bias:
             position_bias = self.compute_bias(query.shape[1], key.shape[1], query_offset)
-        out = attention_weights_and_output(
-            query, key, value, position_bias, mask, self.attn_dropout, deterministic
-        )
+        seed = None
+        if not deterministic and self.config.dropout_rate > 0.0:
+            seed = dropout_seed(self.make_rng("dropout"))
+        out = attention_weights_and_output(query, key, value, position_bias, mask, seed, self.config.dropout_rate)
         out = out.reshape(*out.shape[:2], -1)
         return self.o(out, deterministic), position_bias
 
