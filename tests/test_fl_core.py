@@ -153,7 +153,11 @@ def test_round_below_min_clients_is_reported_not_applied():
     assert max_diff(state1.opt_state, state0.opt_state) == 0.0
 
 
-@pytest.mark.parametrize("executor", [fl.Vmapped(), fl.Vmapped(group_size=2), fl.Sharded()], ids=["vmap", "vmap-groups", "sharded"])
+@pytest.mark.parametrize(
+    "executor",
+    [fl.Vmapped(), fl.Vmapped(group_size=2), fl.Sharded(), fl.Sharded(clients_per_device=1)],
+    ids=["vmap", "vmap-groups", "sharded", "sharded-groups"],
+)
 def test_backends_equal_sequential(executor):
     _, frozen = toy_params()
     frozen = dict(frozen, keep_prob=jnp.float32(0.8))  # exercise the per-client dropout keys too
