@@ -27,6 +27,7 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_fm.fl.aggregation import AggregateResult, Weighting, aggregate
@@ -100,7 +101,7 @@ class FederatedAlgorithm:
 
     def init(self, trainable: Params, seed: int | jax.Array) -> ServerState:
         """The round-0 server state for ``trainable`` parameters and a run seed."""
-        rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        rng = jax.random.PRNGKey(int(seed)) if isinstance(seed, (int, np.integer)) else seed
         chex.assert_shape(rng, (2,))
         state = ServerState(
             params=trainable,

@@ -16,8 +16,11 @@ where ``batches`` has leading ``[clients, steps]`` axes and ``client_rngs`` is
   and only the adapters and optimiser states are per client.
 * :class:`Sharded` -- the vmapped call ``jit``-ted over a ``jax.sharding.Mesh``
   with a ``clients`` axis: client batches and outputs are split across devices,
-  parameters replicated. The same code spans multi-GPU and, after
-  ``jax.distributed.initialize()``, multi-host meshes.
+  parameters replicated. Any single-process mesh works (several GPUs, or
+  virtual CPU devices as in the tests). Multi-host meshes need each process to
+  contribute its own slice of the client batches
+  (``jax.make_array_from_process_local_data``) instead of the ``device_put`` of
+  host arrays done here: not implemented or tested yet.
 
 Groups that do not fill up are padded with copies of a client whose
 ``example_weight`` is zero; such a client skips every step (see ``client.py``)
