@@ -1,0 +1,355 @@
+"""The server side: a Flower ``Strategy`` whose round is our pure server update.
+
+Per Flower round the strategy
+
+1. identifies the connected devices (``get_properties`` -> ``client_id``; a device
+   whose id is not in the run's client list is never given work, and is logged) and
+   waits up to ``wait_s`` for every sampled one;
+2. samples ``fl.sample_clients(seed, r, N, K)`` exactly as simulation does (``N`` =
+   the listed client ids, sorted -- the ``client_folder`` order -- ``r`` = rounds
+   completed) and sends each sampled, connected device the trainable variables
+   keyed by path (:mod:`fedjax_fm.deploy.wire`) with its ``round_index`` and
+   ``position``;
+3. stacks the returned deltas in position order into ``fl.ClientOutputs`` and runs
+   the algorithm's jitted ``server_step`` (our aggregation: weighting by examples,
+   non-finite rejection, ``federated.min_clients``; then the configured server
+   optimiser), metered by the server's power meter;
+4. appends a row to ``DIR/metrics.jsonl`` (the simulation's fields, see
+   ``fedjax_fm.experiment.METRIC_FIELDS``, plus deployment fields) and saves an orbax
+   checkpoint of the server state (``fedjax_fm.checkpoint.CheckpointStore``), from
+   which a restarted server resumes (``resume=True``).
+
+A device that crashes, times out (``round_timeout_s``) or fails to connect in time
+is reported in the row's ``failed_clients`` and the round goes on with the others;
+one that returns NaN/Inf is rejected by the aggregation and listed in
+``nonfinite_clients``. If fewer than ``federated.min_clients`` valid updates arrive,
+the round is recorded as not applied (``applied: false``) and the parameters stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fedjax_fm import run_setup as setup
+from fedjax_fm.checkpoint import CheckpointStore
+from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
+from fedjax_fm.deploy.assemble import build_pieces
+from fedjax_fm.deploy.wire import WireError, decode_tree, encode_tree, payload_bytes
+from fedjax_fm.experiment import METRIC_FIELDS, RunError
+from fedjax_fm.fingerprint import params_sha256
+
+# Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
+DEPLOY_FIELDS = ("bytes_up_sent", "bytes_down_sent", "failed_clients", "nonfinite_clients", "client_reports")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _sum_or_none(values: list[Any]) -> Optional[float]:
+    """A sum over clients, or None if any client lacks the figure (a partial sum would mislead)."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(sum(values))
+
+
+@dataclasses.dataclass
+class _RoundPlan:
+    round_index: int
+    started: float
+    sampled: list[str]
+    sent: list[str]
+    bytes_down_each: int
+    absent: list[str]
+
+
+class DeployStrategy(Strategy):
+    """Our federated round as a Flower strategy (module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *, resume: bool = False,
+                 wait_s: float = 120.0, log: Callable[[str], None] = print) -> None:
+        from fedjax_fm import fl
+
+        super().__init__()
+        if len(set(client_ids)) != len(client_ids) or not client_ids:
+            raise RunError(f"deploy server: client ids must be distinct and non-empty, got {client_ids}")
+        if cfg.federated.clients_per_round > len(client_ids):
+            raise RunError(f"federated.clients_per_round={cfg.federated.clients_per_round} but only "
+                           f"{len(client_ids)} client ids were listed")
+        self.cfg, self.log, self.wait_s = cfg, log, wait_s
+        self.client_ids = sorted(client_ids)  # positions: the simulation's client_folder order
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        pieces = build_pieces(cfg)
+        self.frozen = pieces.frozen
+        self.algorithm = pieces.algorithm
+        self.server_step = jax.jit(self.algorithm.server_step)
+        self.state = self.algorithm.init(pieces.trainable, cfg.seed)
+        self.trainable_bytes = fl.tree_bytes(pieces.trainable)
+        self.energy = setup.build_energy(cfg, log)
+        self.store = CheckpointStore(self.out_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+        self.rows: list[dict[str, Any]] = []
+        if self.store.all_rounds() or self.metrics_path.exists():
+            if not resume:
+                raise RunError(f"{self.out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+            restored = self.store.restore_latest(self.state, on_skip=lambda e: log(f"skipping checkpoint: {e}"))
+            if restored is not None:
+                self.state = restored.state
+                self.rows = [r for r in restored.metrics if r["round"] <= restored.round]
+                log(f"resumed from {restored.path} (round {restored.round})")
+        dump_config(cfg, self.out_dir / "config.yaml")
+        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.metrics_path)
+        self.identities: dict[str, str] = {}  # Flower cid -> our client id (or "" for an unlisted device)
+        self.plan: Optional[_RoundPlan] = None
+
+    @property
+    def rounds_done(self) -> int:
+        return int(self.state.round)
+
+    # -- devices -------------------------------------------------------------------
+
+    def _identify(self, client_manager: ClientManager, group_id: int) -> dict[str, ClientProxy]:
+        """``{client_id: proxy}`` of the connected, listed devices (asks new ones for their id)."""
+        proxies = client_manager.all()
+        for cid in list(self.identities):
+            if cid not in proxies:
+                del self.identities[cid]
+        for cid, proxy in proxies.items():
+            if cid in self.identities:
+                continue
+            try:
+                res = proxy.get_properties(GetPropertiesIns({}), timeout=30.0, group_id=group_id)
+                name = str(res.properties.get("client_id", ""))
+            except Exception as error:  # a device that cannot answer is treated as absent this time
+                self.log(f"device {cid}: no answer to get_properties ({error!r})")
+                continue
+            if name not in self.client_ids:
+                self.log(f"device {cid} calls itself {name!r}, which is not in the client list; it gets no work")
+                name = ""
+            self.identities[cid] = name
+        present: dict[str, ClientProxy] = {}
+        for cid, name in self.identities.items():
+            if name and name not in present:
+                present[name] = proxies[cid]
+        return present
+
+    # -- Flower's Strategy interface ------------------------------------------------
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Optional[Parameters]:
+        return encode_tree(self.state.params)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        from fedjax_fm import fl
+
+        cfg = self.cfg
+        started = time.perf_counter()
+        round_index = self.rounds_done
+        ids = fl.sample_clients(cfg.seed, round_index, len(self.client_ids), cfg.federated.clients_per_round)
+        sampled = [self.client_ids[int(i)] for i in ids]
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            present = self._identify(client_manager, server_round)
+            if all(name in present for name in sampled) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        sent = [name for name in sampled if name in present]
+        absent = [name for name in sampled if name not in present]
+        if absent:
+            self.log(f"round {round_index + 1}: sampled devices not connected after {self.wait_s:.0f} s: {absent}")
+        payload = encode_tree(self.state.params)
+        self.plan = _RoundPlan(round_index, started, sampled, sent, payload_bytes(payload), absent)
+        instructions = [
+            (present[name], FitIns(payload, {"round_index": round_index, "seed": cfg.seed,
+                                             "position": self.client_ids.index(name)}))
+            for name in sent
+        ]
+        if not instructions:
+            # Flower skips aggregate_fit when nobody is asked; record the empty round ourselves.
+            self._finish_round([], [], [])
+        return instructions
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Optional[Parameters], dict[str, Scalar]]:
+        reasons: list[str] = []
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                reasons.append(repr(failure))
+            else:
+                proxy, res = failure
+                reasons.append(f"{self.identities.get(proxy.cid, proxy.cid)}: {res.status.message}")
+        updates = []
+        for proxy, res in results:
+            name = str(res.metrics.get("client_id", ""))
+            if self.plan is None or name not in self.plan.sent:
+                reasons.append(f"{name or proxy.cid}: answered without being asked; ignored")
+                continue
+            try:
+                delta = decode_tree(res.parameters, self.state.params)
+            except WireError as error:
+                reasons.append(f"{name}: bad payload ({error})")
+                continue
+            updates.append((name, delta, res))
+        self._finish_round(updates, reasons, failures)
+        return encode_tree(self.state.params), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []  # evaluation runs from the checkpoints (fedjax-fm's evaluator), not on devices
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[Optional[float], dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> Optional[tuple[float, dict[str, Scalar]]]:
+        return None
+
+    # -- the round's bookkeeping ----------------------------------------------------
+
+    def _finish_round(self, updates: list[tuple[str, Any, FitRes]], reasons: list[str], failures: list[Any]) -> None:
+        from fedjax_fm import fl
+
+        plan = self.plan
+        assert plan is not None and plan.round_index == self.rounds_done
+        updates.sort(key=lambda u: self.client_ids.index(u[0]))
+        answered = {name for name, _, _ in updates}
+        failed = [{"client": name, "reason": "not connected in time"} for name in plan.absent]
+        unexplained = [name for name in plan.sent if name not in answered]
+        for i, name in enumerate(unexplained):
+            # Flower's exceptions do not name the device; pair them in order (usually one each).
+            failed.append({"client": name, "reason": reasons[i] if i < len(reasons) else "no result"})
+        for name in failed:
+            self.log(f"round {plan.round_index + 1}: device {name['client']} failed: {name['reason']}")
+        reports = [dict(res.metrics) for _, _, res in updates]
+        row: dict[str, Any] = dict.fromkeys(METRIC_FIELDS + DEPLOY_FIELDS)
+        row.update(round=plan.round_index + 1, clients=len(updates), energy_source=self.energy.label,
+                   energy_is_estimate=self.energy.is_estimate)
+        if updates:
+            outputs = fl.ClientOutputs(
+                jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[d for _, d, _ in updates]),
+                jnp.asarray([float(r["num_examples"]) for r in reports], jnp.float32),
+                {"loss": jnp.asarray([float(r["loss"]) for r in reports], jnp.float32),
+                 "tokens": jnp.asarray([float(r["tokens"]) for r in reports], jnp.float32),
+                 "steps": jnp.asarray([int(r["steps"]) for r in reports], jnp.int32)},
+            )
+            with self.energy.meter.section("server") as section:
+                new_state, metrics = section.block(self.server_step(self.state, outputs))
+            self.state = new_state
+            host = jax.device_get(metrics)
+            server = section.record
+            valid = np.asarray(host["client_valid"], bool)
+            weights = np.asarray([float(r["num_examples"]) for r in reports]) * valid
+            losses = np.asarray([float(r["loss"]) for r in reports])
+            ok = np.isfinite(losses) & (weights > 0)
+            seconds = _sum_or_none([r.get("seconds") for r in reports])
+            tokens = float(sum(float(r["tokens"]) for r in reports))
+            joules = _sum_or_none([r.get("joules") for r in reports])
+            mfus = [r.get("mfu") for r in reports]
+            row.update(
+                train_loss=float(np.sum(losses[ok] * weights[ok]) / np.sum(weights[ok])) if ok.any() else None,
+                tokens=tokens, client_seconds=seconds, client_joules=joules,
+                server_seconds=server.wall_s, server_joules=server.joules,
+                tps=tokens / seconds if seconds else None,
+                tps_per_watt=tokens / joules if joules else None,
+                mfu=None if any(m is None for m in mfus) else float(np.mean(mfus)),
+                model_flops=_sum_or_none([r.get("model_flops") for r in reports]),
+                examples=float(sum(float(r["num_examples"]) for r in reports)),
+                valid_clients=int(host["num_valid_clients"]), applied=bool(host["applied"]),
+                nonfinite_clients=[name for (name, _, _), v in zip(updates, valid) if not v],
+            )
+            cost = setup.communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, len(updates))
+            row.update(bytes_up=cost.bytes_up, bytes_down=cost.bytes_down, comm_seconds=cost.seconds,
+                       comm_joules=cost.joules,
+                       granularity=(seconds / len(updates) / cost.seconds) if seconds and cost.seconds else None)
+        else:
+            # Nothing to aggregate: the round passes unapplied, exactly as server_step would leave it.
+            self.state = self.state.replace(round=self.state.round + 1)
+            row.update(valid_clients=0, applied=False, nonfinite_clients=[])
+        row.update(
+            bytes_up_sent=int(sum(payload_bytes(res.parameters) for _, _, res in updates)),
+            bytes_down_sent=plan.bytes_down_each * len(plan.sent),
+            failed_clients=failed,
+            client_reports=reports,
+            wall_seconds=time.perf_counter() - plan.started,
+        )
+        row = {k: _json_safe(v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        round_ = row["round"]
+        if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federated.rounds:
+            self.store.save(round_, self.state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
+        self.log(f"round {round_}: {row['clients']} device(s), applied={row['applied']}, "
+                 f"train_loss={row['train_loss']}, failed={[f['client'] for f in failed]}")
+        self.plan = None
+
+    def finish(self) -> dict[str, Any]:
+        """Writes ``DIR/summary.json`` (rounds, totals, params_sha256) and returns it."""
+        from fedjax_fm import fl
+
+        self.store.close()
+        variables = fl.join_variables(self.state.params, self.frozen)
+        train = [r for r in self.rows if r["round"] > 0]
+        totals = {key: _sum_or_none([r.get(key) for r in train]) for key in
+                  ("tokens", "client_seconds", "client_joules", "server_seconds", "server_joules", "comm_seconds",
+                   "comm_joules", "bytes_up", "bytes_down", "bytes_up_sent", "bytes_down_sent", "wall_seconds")}
+        summary = {
+            "rounds": self.rounds_done,
+            "seed": self.cfg.seed,
+            "model": self.cfg.model.name,
+            "mode": f"lora(r={self.cfg.lora.rank})" if self.cfg.lora else "full",
+            "server_optimizer": self.cfg.federated.server_optimizer.name,
+            "clients": self.client_ids,
+            "final_train_loss": next((r["train_loss"] for r in reversed(train) if r.get("train_loss") is not None), None),
+            "failed_client_rounds": sum(len(r.get("failed_clients") or []) for r in train),
+            "totals": totals,
+            "energy_source": self.energy.label,
+            "params_sha256": params_sha256(variables),
+            "deployment": "flower",
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def run_server(cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], address: str, *,
+               certificates: Optional[tuple[bytes, bytes, bytes]] = None, resume: bool = False,
+               round_timeout_s: Optional[float] = None, wait_s: float = 120.0,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Serves ``cfg.federated.rounds`` rounds (minus those a resumed run has done) at ``address``.
+
+    ``certificates``: ``(CA cert, server cert, server key)`` PEM bytes; TLS is on when given.
+    ``round_timeout_s``: a device that has not answered by then counts as failed.
+    ``wait_s``: how long each round waits for its sampled devices to connect.
+    """
+    from flwr.server import ServerConfig, start_server
+
+    strategy = DeployStrategy(cfg, out_dir, client_ids, resume=resume, wait_s=wait_s, log=log)
+    remaining = cfg.federated.rounds - strategy.rounds_done
+    if remaining > 0:
+        start_server(server_address=address, strategy=strategy,
+                     config=ServerConfig(num_rounds=remaining, round_timeout=round_timeout_s),
+                     certificates=certificates)
+    else:
+        log(f"the run already completed {strategy.rounds_done} rounds (federated.rounds={cfg.federated.rounds})")
+    return strategy.finish()
