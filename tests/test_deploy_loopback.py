@@ -29,7 +29,7 @@ pytest.importorskip("flwr")
 
 CLIENTS = ("alice", "bob", "carol")
 SIZES = {"alice": 5, "bob": 7, "carol": 6}
-PROCESS_TIMEOUT_S = 240
+PROCESS_TIMEOUT_S = 150
 
 CONFIG = """\
 seed: 3

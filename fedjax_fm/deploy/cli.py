@@ -10,7 +10,9 @@ See docs/deploy.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -45,6 +47,12 @@ def _server_command(args: argparse.Namespace) -> int:
     except (ConfigError, RunError, CheckpointError, FileNotFoundError) as error:
         print(f"fedjax-fm deploy server: error: {error}", file=sys.stderr)
         return 2
+    except BaseException:  # noqa: BLE001 - see below
+        # Flower's gRPC server threads are not daemons: after an error inside a round the
+        # process would live on without serving. Report and leave for real.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     print(json.dumps({k: summary[k] for k in ("rounds", "final_train_loss", "failed_client_rounds", "params_sha256")}))
     return 0
 

@@ -131,7 +131,7 @@ class DeployStrategy(Strategy):
 
     def _identify(self, client_manager: ClientManager, group_id: int) -> dict[str, ClientProxy]:
         """``{client_id: proxy}`` of the connected, listed devices (asks new ones for their id)."""
-        proxies = client_manager.all()
+        proxies = dict(client_manager.all())  # a copy: devices (un)register from gRPC threads meanwhile
         for cid in list(self.identities):
             if cid not in proxies:
                 del self.identities[cid]
@@ -150,7 +150,7 @@ class DeployStrategy(Strategy):
             self.identities[cid] = name
         present: dict[str, ClientProxy] = {}
         for cid, name in self.identities.items():
-            if name and name not in present:
+            if name and name not in present and cid in proxies:
                 present[name] = proxies[cid]
         return present
 
