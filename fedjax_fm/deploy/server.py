@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -49,7 +50,7 @@ from fedjax_fm.checkpoint import CheckpointStore
 from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.deploy.assemble import build_pieces
 from fedjax_fm.deploy.wire import WireError, decode_tree, encode_tree, payload_bytes
-from fedjax_fm.experiment import METRIC_FIELDS, RunError
+from fedjax_fm.experiment import METRIC_FIELDS, RunError, resume_mismatches
 from fedjax_fm.fingerprint import params_sha256
 
 # Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
@@ -111,6 +112,12 @@ class DeployStrategy(Strategy):
         if self.store.all_rounds() or self.metrics_path.exists():
             if not resume:
                 raise RunError(f"{self.out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+            saved_path = self.out_dir / "config.yaml"
+            if saved_path.is_file():
+                mismatches = resume_mismatches(yaml.safe_load(saved_path.read_text()) or {}, config_to_dict(cfg))
+                if mismatches:
+                    raise RunError(f"--resume: the config differs from the one {self.out_dir} was started with "
+                                   f"({saved_path}); only federated.rounds may change:\n  " + "\n  ".join(mismatches))
             restored = self.store.restore_latest(self.state, on_skip=lambda e: log(f"skipping checkpoint: {e}"))
             if restored is not None:
                 self.state = restored.state
