@@ -70,6 +70,9 @@ def _client_command(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"fedjax-fm deploy client: error: {error}", file=sys.stderr)
         return 2
+    except ConnectionError as error:
+        print(f"fedjax-fm deploy client: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -108,5 +111,5 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
     client.add_argument("--ca", help="CA certificate (PEM) that signed the server's certificate: enables TLS")
     client.add_argument("--max-wait", type=float, default=300.0, metavar="S",
-                        help="give up connecting after this many seconds (default 300)")
+                        help="retry an unreachable server for this many seconds since the last round trained (default 300)")
     client.set_defaults(func=_client_command)

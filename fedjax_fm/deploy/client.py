@@ -83,6 +83,7 @@ class DeviceClient(Client):
         self.step_flops = float(train_step_flops(pieces.model.config, cfg.federated.batch_size, *shape,
                                                  lora=setup.lora_config(cfg)).total)
         self.compiled = False
+        self.rounds_trained = 0
         log(f"device {self.client_id}: {self.data.num_examples} examples in {self.data.path}; "
             f"{self.data.steps} local steps of {cfg.federated.batch_size}; energy {self.energy.label}")
 
@@ -126,6 +127,7 @@ class DeviceClient(Client):
         if _env_round(NAN_ENV) == round_index + 1:
             delta = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.asarray(x).dtype), delta)
         parameters = encode_tree(delta)
+        self.rounds_trained += 1
         out: dict[str, Any] = {
             "client_id": self.client_id,
             "position": position,
@@ -149,20 +151,36 @@ class DeviceClient(Client):
 
 
 def run_client(cfg: ExperimentConfig, data_dir: str, server_address: str, *, client_id: str | None = None,
-               root_certificates: bytes | None = None, max_wait_s: float | None = 300.0,
+               root_certificates: bytes | None = None, max_wait_s: float = 300.0, retry_every_s: float = 2.0,
                log: Callable[[str], None] = print) -> None:
     """Builds the device's client and serves the server at ``server_address`` until it says stop.
 
     ``root_certificates``: the CA (PEM bytes) that signed the server's certificate; TLS is on
-    when given. ``max_wait_s``: give up connecting after this many seconds.
+    when given. While the server is unreachable (not started yet, restarting after a crash,
+    or refusing the TLS handshake) the device retries every ``retry_every_s`` seconds for up
+    to ``max_wait_s`` seconds since the last round it trained, then raises ``ConnectionError``.
+    (Flower's legacy client gives up on the first refused connection.)
     """
+    import grpc
     from flwr.client import start_client
 
     client = DeviceClient(cfg, data_dir, client_id, log=log)
-    start_client(
-        server_address=server_address,
-        client=client,
-        root_certificates=root_certificates,
-        insecure=root_certificates is None,
-        max_wait_time=max_wait_s,
-    )
+    deadline = time.monotonic() + max_wait_s
+    rounds_seen = client.rounds_trained
+    while True:
+        try:
+            start_client(server_address=server_address, client=client, root_certificates=root_certificates,
+                         insecure=root_certificates is None, max_wait_time=max_wait_s)
+            return  # the server ended the run
+        except grpc.RpcError as error:
+            if not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            if client.rounds_trained != rounds_seen:  # progress since the last outage: a fresh wait
+                rounds_seen, deadline = client.rounds_trained, time.monotonic() + max_wait_s
+            details = error.details() if hasattr(error, "details") else str(error)
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"device {client.client_id}: server {server_address} unreachable for "
+                                      f"{max_wait_s:.0f} s: {details}") from None
+            log(f"device {client.client_id}: server {server_address} unavailable ({details}); "
+                f"retrying in {retry_every_s:.0f} s")
+            time.sleep(retry_every_s)

@@ -127,8 +127,22 @@ class DeployStrategy(Strategy):
         tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, self.metrics_path)
+        self._warm_up(cfg.federated.clients_per_round)
         self.identities: dict[str, str] = {}  # Flower cid -> our client id (or "" for an unlisted device)
         self.plan: Optional[_RoundPlan] = None
+
+    def _warm_up(self, num_clients: int) -> None:
+        """Compiles the server step for a full round before any is metered (it is pure: the
+        result is discarded). A round with fewer answering devices compiles once more."""
+        from fedjax_fm import fl
+
+        zeros = fl.ClientOutputs(
+            jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), self.state.params),
+            jnp.ones([num_clients], jnp.float32),
+            {"loss": jnp.zeros([num_clients], jnp.float32), "tokens": jnp.zeros([num_clients], jnp.float32),
+             "steps": jnp.zeros([num_clients], jnp.int32)},
+        )
+        jax.block_until_ready(self.server_step(self.state, zeros))
 
     @property
     def rounds_done(self) -> int:
