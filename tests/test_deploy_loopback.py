@@ -153,6 +153,17 @@ def _simulate(config: Path, rounds: int):
     return state
 
 
+def _param_shapes(config: Path) -> list[dict]:
+    """Shapes of the tiny model's base parameters (what full fine-tuning sends)."""
+    from fedjax_fm import run_setup as setup
+    from fedjax_fm.config import load_config
+    from fedjax_fm.fingerprint import named_leaves
+
+    cfg = load_config(config, ["lora=null"])
+    _, variables = setup.build_model(cfg, None)
+    return [{"name": n, "shape": list(np.shape(x))} for n, x in named_leaves(variables["params"])]
+
+
 def _restore(out: Path, template):
     from fedjax_fm.checkpoint import CheckpointStore
 
@@ -203,16 +214,22 @@ def test_loopback_equals_simulation_and_resumes(tmp_path):
 
 
 def test_device_killed_and_nan_update_do_not_break_the_round(tmp_path):
-    """Round 2: carol is SIGKILLed mid-training, bob sends NaN; alice's update is applied; both reported."""
+    """Round 2: carol is SIGKILLed mid-training, bob sends NaN; alice's update is applied; both reported.
+
+    Run with full fine-tuning (``lora=null``): the whole ``params`` collection travels."""
     config, devices = _write_world(tmp_path, rounds=2)
     out = tmp_path / "deployed"
     env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"}}
-    code, codes = _deploy(tmp_path, config, devices, out, client_env=env, tag="faults")
+    full = ["--set", "lora=null"]
+    code, codes = _deploy(tmp_path, config, devices, out, client_env=env, tag="faults", extra_server=full,
+                          extra_client=full)
     assert code == 0, _logs(tmp_path, "faults")
     assert codes["carol"] not in (0, None)  # it really died
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2], _logs(tmp_path, "faults")
     assert rows[0]["valid_clients"] == 3 and rows[0]["failed_clients"] == []
+    full_bytes = 4 * sum(int(np.prod(r["shape"])) for r in _param_shapes(config))
+    assert rows[0]["bytes_up"] == 3 * full_bytes < rows[0]["bytes_up_sent"]
     second = rows[1]
     assert [f["client"] for f in second["failed_clients"]] == ["carol"]
     assert second["nonfinite_clients"] == ["bob"]
