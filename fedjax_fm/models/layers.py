@@ -95,6 +95,18 @@ class Dropout(nn.Module):
         return dropout_with_seed(x, dropout_seed(self.make_rng("dropout")), self.rate)
 
 
+def _dense(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over the last axis of ``x``, computed as one 2-D matmul.
+
+    Same product as ``jnp.dot(x, kernel)``, but flattening the leading axes first makes
+    the backward pass's weight gradient a plain 2-D GEMM: with a 3-D ``x`` XLA CPU
+    contracts over two axes (batch and sequence), which measured 1.75x slower for the
+    gated feed-forward block of flan-t5-small (fwd+bwd, batch 8 x 512 tokens).
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class LoraDense(nn.Module):
     """A bias-free projection ``y = x W`` with an optional LoRA adapter.
 
@@ -118,7 +130,7 @@ class LoraDense(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = _dense(x, kernel.astype(self.dtype))
         if self.has_variable("lora", "lora_A"):
             if self.lora is None:
                 raise ValueError(
@@ -134,7 +146,7 @@ class LoraDense(nn.Module):
                 )
             scaling = self.lora.alpha / lora_a.shape[1]
             x_drop = Dropout(rate=self.lora.dropout)(x, deterministic=deterministic)
-            y = y + scaling * jnp.dot(jnp.dot(x_drop, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            y = y + scaling * _dense(_dense(x_drop, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
         return y
 
 
