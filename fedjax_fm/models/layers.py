@@ -203,6 +203,50 @@ def relative_position_bucket(
     return buckets + jnp.where(is_small, n, if_large)
 
 
+def _sum_over_leading_axis(x: Array) -> Array:
+    """``x.sum(0, keepdims=True)`` computed as the matrix product ``ones[1, B] @ x[B, -1]``.
+
+    Same sum; the form matters for speed on XLA:CPU (jax 0.10). A reduction over the
+    leading axis of an [8, 6, 512, 512] array goes to YNNPACK's reduce: 88 ms, against
+    2.7 ms for this product on the 2-core CPU. (Unrolled adds of the slices take 2.3 ms
+    alone, but XLA fused them with the transposed write of the position-bias embedding
+    gradient into one strided loop that took 0.28 s per training step.)
+    """
+    ones = jnp.ones((1, x.shape[0]), x.dtype)
+    flat = jnp.dot(ones, x.reshape(x.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
+    return flat.reshape(1, *x.shape[1:])
+
+
+@jax.custom_vjp
+def add_batch_shared(scores: Array, bias: Array) -> Array:
+    """``scores + bias`` for ``scores`` [B, ...] and a ``bias`` [1, ...] shared by the batch.
+
+    The gradient for ``bias`` is ``sum_b d_scores[b]``. Autodiff would emit that as a
+    reduction over the batch axis; this rule emits it as a product with a ones vector
+    instead (``_sum_over_leading_axis``). For flan-t5-small (batch 8, 512 tokens) the
+    encoder's position-bias gradient took 0.78 s of a 6.6 s training step as a
+    reduction.
+    """
+    return scores + bias
+
+
+def _add_batch_shared_fwd(scores: Array, bias: Array) -> tuple[Array, None]:
+    return scores + bias, None
+
+
+def _add_batch_shared_bwd(_: None, grad: Array) -> tuple[Array, Array]:
+    return grad, _sum_over_leading_axis(grad)
+
+
+add_batch_shared.defvjp(_add_batch_shared_fwd, _add_batch_shared_bwd)
+
+
+def _add_bias(scores: Array, bias: Array) -> Array:
+    if bias.ndim == scores.ndim and bias.shape[0] == 1 and bias.shape[1:] == scores.shape[1:] and scores.shape[0] > 1:
+        return add_batch_shared(scores, bias.astype(scores.dtype))
+    return scores + bias
+
+
 def attention_weights_and_output(
     query: Array,
     key: Array,
@@ -222,7 +266,7 @@ def attention_weights_and_output(
     """
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
-        scores = scores + bias
+        scores = _add_bias(scores, bias)
     if mask is not None:
         scores = jnp.where(mask, scores, _MASKED_LOGIT)
     weights = jax.nn.softmax(scores, axis=-1)
