@@ -1,13 +1,21 @@
-"""Loopback Flower deployment: one server and three device processes on 127.0.0.1.
+"""Loopback Flower deployment: a SuperLink and SuperNodes on 127.0.0.1, TLS and node authentication on.
 
-* equivalence: the deployed run's global parameters equal the simulation's
-  (``fl.FederatedAlgorithm`` with the same pieces), and a restarted server resumes
-  from its checkpoint;
+Every test runs the documented commands (docs/deploy.md): ``flower-superlink
+--enable-supernode-auth`` with TLS, ``fedjax-fm deploy keygen`` for each device's key,
+``flwr supernode register`` of the listed devices' public keys, ``flower-supernode
+--auth-supernode-private-key ... --node-config ...`` per device and ``fedjax-fm deploy
+run`` on the server side.
+
+* node authentication: a SuperNode whose key is not registered, and one without a
+  key, are refused by the SuperLink; a registered one trusting another CA fails the
+  TLS handshake; the registered device trains and the run completes;
+* equivalence: the deployed run's global parameters equal the simulation's, across a
+  resumed second run;
 * a device killed mid-round and one returning NaN: the round completes with the
-  remaining device and both are reported;
-* TLS: a device trusting another CA is refused.
+  remaining device and both are reported.
 
-Every process is started with a timeout and killed in ``finally``.
+Every process is started in its own session with a timeout and its whole process
+group is killed in ``finally``; ports are chosen at run time.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,9 +36,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
+REPO = Path(__file__).resolve().parents[1]
+
 CLIENTS = ("alice", "bob", "carol")
 SIZES = {"alice": 5, "bob": 7, "carol": 6}
-PROCESS_TIMEOUT_S = 150
+RUN_TIMEOUT_S = 240  # one `fedjax-fm deploy run`, start to end
 
 CONFIG = """\
 seed: 3
@@ -88,49 +99,137 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+    bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr, flower-superexec, flwr-clientapp
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               # Flower's SuperExec polls for work every second by default; poll faster here.
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", **extra)
     return env
 
 
-def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedjax_fm", "deploy", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=_env(**env), cwd=Path(__file__).resolve().parents[1])
+def _tail(path: Path, n: int = 4000) -> str:
+    return f"--- {path.name}\n{path.read_text(errors='replace')[-n:]}" if path.exists() else f"--- {path.name}: none"
 
 
-def _deploy(tmp: Path, config: Path, devices: dict[str, Path], out: Path, *, extra_server=(), extra_client=(),
-            client_env=None, tag="run") -> tuple[int, dict[str, int | None]]:
-    """Runs a server and one process per device to the end; returns their exit codes."""
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        procs["server"] = _start(["server", str(config), "--out", str(out), "--clients", ",".join(CLIENTS),
-                                  "--address", address, "--wait", "90", "--round-timeout", "90", *extra_server],
-                                 tmp / f"{tag}-server.log")
-        for client, folder in devices.items():
-            procs[client] = _start(["client", str(config), "--data", str(folder), "--server", address,
-                                    "--max-wait", "120", *extra_client], tmp / f"{tag}-{client}.log",
-                                   **(client_env or {}).get(client, {}))
-        server_code = procs["server"].wait(timeout=PROCESS_TIMEOUT_S)
-        codes = {}
-        for client in devices:
-            try:
-                codes[client] = procs[client].wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                codes[client] = None
-        return server_code, codes
-    except subprocess.TimeoutExpired:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp.glob(f"{tag}-*.log")))
-        pytest.fail(f"deployment did not finish in {PROCESS_TIMEOUT_S} s:\n{logs}")
-    finally:
-        for proc in procs.values():
+class Federation:
+    """A SuperLink with TLS and SuperNode authentication, plus SuperNodes, all on 127.0.0.1.
+
+    The Flower CLI reads the connection ``fedjax`` from ``FLWR_HOME/config.toml``
+    (as docs/deploy.md sets it up on the server)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, int] = {}
+        self.ca, cert, key = _write_ca(tmp / "certs", "run")
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        self.xla_cache = tmp / "xla-cache"  # shared by the server and the devices: one compile per shape
+        self.address = f"127.0.0.1:{_free_port()}"
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedjax"\n\n[superlink.fedjax]\naddress = "{self.address}"\n'
+            f'root-certificates = "{self.ca}"\n')
+        self.link_log = tmp / "superlink.log"
+        try:
+            self._start("superlink", ["flower-superlink", "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
+                                      "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", "127.0.0.1",
+                                      "--port", self.address.rsplit(":", 1)[1],
+                                      "--disable-runtime-dependency-installation"],
+                        self.link_log, FLWR_HOME=str(self.home))
+            self.wait_for(self.link_log, "Uvicorn running on", 60)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, name: str, command: list[str], log: Path, **env: str) -> subprocess.Popen:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.xla_cache))
+        proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(**env),
+                                cwd=self.tmp, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def wait_for(self, log: Path, text: str, timeout_s: float, proc: str = "superlink") -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in (log.read_text(errors="replace") if log.exists() else ""):
+            if time.monotonic() > deadline or self.procs[proc].poll() is not None:
+                pytest.fail(f"{text!r} not in {log.name} after {timeout_s} s\n{self.logs()}")
+            time.sleep(0.2)
+
+    def keys(self, names: list[str], *, register: bool = True) -> dict[str, Path]:
+        """``fedjax-fm deploy keygen keys/NAME`` for each device, then (server side)
+        ``flwr supernode register keys/NAME.pub fedjax``; each step in parallel."""
+        keys = {name: self.tmp / "keys" / name for name in names}
+        self._all([[sys.executable, "-m", "fedjax_fm", "deploy", "keygen", str(key)] for key in keys.values()])
+        if register:
+            done = self._all([["flwr", "supernode", "register", f"{key}.pub", "fedjax", "--format", "json"]
+                              for key in keys.values()])
+            self.node_ids.update({name: int(json.loads(out)["node-id"]) for name, out in zip(names, done)})
+        return keys
+
+    def _all(self, commands: list[list[str]], timeout_s: float = 60) -> list[str]:
+        env = _env(FLWR_HOME=str(self.home))
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  cwd=self.tmp) for c in commands]
+        outputs = []
+        try:
+            for command, proc in zip(commands, procs):
+                out, err = proc.communicate(timeout=timeout_s)
+                assert proc.returncode == 0, f"{command}: {out}{err}"
+                outputs.append(out)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        return outputs
+
+    def nodes(self) -> dict[int, str]:
+        """``flwr supernode ls fedjax``: node id -> status."""
+        done = subprocess.run(["flwr", "supernode", "ls", "fedjax", "--format", "json"], capture_output=True,
+                              text=True, env=_env(FLWR_HOME=str(self.home)), cwd=self.tmp, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {int(n["node-id"]): n["status"] for n in json.loads(done.stdout)["nodes"]}
+
+    def start_node(self, name: str, data: Path | None, config: Path, *, key: Path | None, ca: Path | None = None,
+                   extra: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+        """``flower-supernode`` for one device (its own Flower home and Runtime API port)."""
+        command = ["flower-supernode", "--superlink", self.address, "--root-certificates", str(ca or self.ca),
+                   "--port", str(_free_port()), "--node-config", f'config="{config}" data="{data}"', *extra]
+        if key is not None:
+            command += ["--auth-supernode-private-key", str(key)]
+        home = self.tmp / f"home-{name}"
+        home.mkdir(exist_ok=True)
+        return self._start(name, command, self.tmp / f"node-{name}.log", FLWR_HOME=str(home), **env)
+
+    def run(self, config: Path, out: Path, clients: str, *extra: str, tag: str = "run") -> tuple[int, str]:
+        """``fedjax-fm deploy run`` to the end; returns its exit code and output."""
+        log = self.tmp / f"{tag}.log"
+        command = [sys.executable, "-m", "fedjax_fm", "deploy", "run", str(config), "--out", str(out),
+                   "--clients", clients, "--superlink", "fedjax", "--wait", "90", *extra]
+        proc = self._start(tag, command, log, FLWR_HOME=str(self.home))
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`fedjax-fm deploy run` did not finish in {RUN_TIMEOUT_S} s\n{self.logs()}")
+        return code, log.read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(_tail(p) for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> None:
+        for proc in self.procs.values():
             if proc.poll() is None:
-                proc.kill()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the SuperNode/SuperLink and their children
+                except ProcessLookupError:
+                    pass
                 proc.wait(timeout=10)
 
+    def __enter__(self) -> "Federation":
+        return self
 
-def _logs(tmp: Path, tag: str) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(tmp.glob(f"{tag}-*.log")))
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _simulate(config: Path, rounds: int):
@@ -178,65 +277,6 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loopback_equals_simulation_and_resumes(tmp_path):
-    """Round 1 deployed, server stopped; round 2 by a restarted server (--resume): equals 2 simulated rounds."""
-    config, devices = _write_world(tmp_path, rounds=2)
-    out = tmp_path / "deployed"
-    code, codes = _deploy(tmp_path, config, devices, out, extra_server=["--set", "federated.rounds=1"],
-                          extra_client=["--set", "federated.rounds=1"], tag="first")
-    assert code == 0, _logs(tmp_path, "first")
-    code, codes = _deploy(tmp_path, config, devices, out, extra_server=["--resume"], tag="second")
-    assert code == 0, _logs(tmp_path, "second")
-    assert "resumed from" in (tmp_path / "second-server.log").read_text()
-
-    expected = _simulate(config, rounds=2)
-    restored = _restore(out, expected)
-    assert restored.round == 2
-    got, want = jax.device_get(restored.state.params), jax.device_get(expected.params)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6), got, want)
-    assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), want, jax.device_get(
-        _simulate(config, rounds=0).params))), "training moved nothing: the comparison would be vacuous"
-
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:
-        assert row["clients"] == 3 and row["valid_clients"] == 3 and row["applied"] is True
-        assert row["failed_clients"] == []
-        # Bytes actually sent (payload incl. the name header) next to the modelled pytree bytes.
-        assert row["bytes_up_sent"] > row["bytes_up"] > 0
-        assert row["bytes_down_sent"] >= row["bytes_down"] > 0
-        assert row["tokens"] > 0 and row["client_seconds"] > 0
-        assert row["client_joules"] == pytest.approx(7.5 * row["client_seconds"], rel=0.2)  # constant-power estimate
-        assert row["energy_is_estimate"] is True
-        assert sorted(r["client_id"] for r in row["client_reports"]) == list(CLIENTS)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 2 and len(summary["params_sha256"]) == 64
-
-
-def test_device_killed_and_nan_update_do_not_break_the_round(tmp_path):
-    """Round 2: carol is SIGKILLed mid-training, bob sends NaN; alice's update is applied; both reported.
-
-    Run with full fine-tuning (``lora=null``): the whole ``params`` collection travels."""
-    config, devices = _write_world(tmp_path, rounds=2)
-    out = tmp_path / "deployed"
-    env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"}}
-    full = ["--set", "lora=null"]
-    code, codes = _deploy(tmp_path, config, devices, out, client_env=env, tag="faults", extra_server=full,
-                          extra_client=full)
-    assert code == 0, _logs(tmp_path, "faults")
-    assert codes["carol"] not in (0, None)  # it really died
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2], _logs(tmp_path, "faults")
-    assert rows[0]["valid_clients"] == 3 and rows[0]["failed_clients"] == []
-    full_bytes = 4 * sum(int(np.prod(r["shape"])) for r in _param_shapes(config))
-    assert rows[0]["bytes_up"] == 3 * full_bytes < rows[0]["bytes_up_sent"]
-    second = rows[1]
-    assert [f["client"] for f in second["failed_clients"]] == ["carol"]
-    assert second["nonfinite_clients"] == ["bob"]
-    assert second["clients"] == 2 and second["valid_clients"] == 1 and second["applied"] is True
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
-
-
 def _write_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1/localhost signed by it (the openssl recipe of docs/deploy.md)."""
     import datetime
@@ -273,45 +313,114 @@ def _write_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_tls_refuses_a_device_that_trusts_another_ca(tmp_path):
-    """TLS on: alice (right CA) trains; carol (another CA) fails the TLS handshake and never
-    joins; bob (right CA, not in --clients) connects but is given no work."""
-    config, devices = _write_world(tmp_path, rounds=1)
-    ca, cert, key = _write_ca(tmp_path / "certs", "run")
-    wrong_ca, _, _ = _write_ca(tmp_path / "other", "other")
-    out = tmp_path / "deployed"
-    address = f"127.0.0.1:{_free_port()}"
-    procs = {}
-    try:
-        procs["server"] = _start(["server", str(config), "--out", str(out), "--clients", "alice",
-                                  "--set", "federated.num_clients=1", "--set", "federated.clients_per_round=1",
-                                  "--address", address, "--wait", "90", "--round-timeout", "60",
-                                  "--ca", str(ca), "--cert", str(cert), "--key", str(key)], tmp_path / "tls-server.log")
-        def device(name: str, trusted: Path) -> None:
-            procs[name] = _start(["client", str(config), "--data", str(devices[name]), "--server", address,
-                                  "--ca", str(trusted), "--max-wait", "10"], tmp_path / f"tls-{name}.log")
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink (TLS, node authentication) with alice, bob and carol registered and connected."""
+    tmp = tmp_path_factory.mktemp("federation")
+    config, devices = _write_world(tmp, rounds=2)
+    with Federation(tmp) as fed:
+        _start_devices(fed, config, devices)
+        for client in CLIENTS:
+            fed.wait_for(tmp / f"node-{client}.log", "SuperNode ID", 60, proc=client)
+        yield fed, config, devices
 
-        device("bob", ca)
-        device("carol", wrong_ca)
-        # The server asks every connected device its id while it waits for alice: bob's
-        # refusal is logged before alice exists, so the round cannot race past it.
-        refused = "'bob', which is not in the client list"
-        deadline = time.monotonic() + PROCESS_TIMEOUT_S
-        while refused not in (tmp_path / "tls-server.log").read_text():
-            assert time.monotonic() < deadline and procs["server"].poll() is None, _logs(tmp_path, "tls")
-            time.sleep(0.5)
-        device("alice", ca)
-        assert procs["server"].wait(timeout=PROCESS_TIMEOUT_S) == 0, _logs(tmp_path, "tls")
-        carol_code = procs["carol"].wait(timeout=60)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-    assert carol_code != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "tls-carol.log").read_text()
-    assert "SSL is enabled" in (tmp_path / "tls-server.log").read_text()
+
+def _start_devices(fed: Federation, config: Path, devices: dict[str, Path], env: dict | None = None) -> None:
+    keys = fed.keys(list(devices))
+    for client, folder in devices.items():
+        fed.start_node(client, folder, config, key=keys[client], **(env or {}).get(client, {}))
+
+
+def test_supernodes_without_a_registered_key_are_refused(federation):
+    """On the SuperLink where alice, bob and carol are registered (and which the equivalence
+    test below runs on): mallory's key is not registered, nokey has no key, and dan (key
+    registered) trusts another CA -- all three are refused and never become nodes."""
+    fed, config, devices = federation
+    tmp = fed.tmp
+    keys = fed.keys(["mallory"], register=False) | fed.keys(["dan"])
+    wrong_ca, _, _ = _write_ca(tmp / "other", "other")
+    refused = {
+        "mallory": fed.start_node("mallory", devices["alice"], config, key=keys["mallory"]),
+        "nokey": fed.start_node("nokey", devices["alice"], config, key=None),
+        "dan": fed.start_node("dan", devices["alice"], config, key=keys["dan"], ca=wrong_ca,
+                              extra=("--max-wait-time", "5")),
+    }
+    codes = {name: proc.wait(timeout=90) for name, proc in refused.items()}
+    link = fed.link_log.read_text(errors="replace")
+    logs = {name: (tmp / f"node-{name}.log").read_text(errors="replace") for name in refused}
+    assert all(code not in (0, None) for code in codes.values()), codes
+    # mallory: the SuperLink knows no SuperNode with her public key.
+    assert "Failed to activate SuperNode" in logs["mallory"], logs["mallory"]
+    assert "No SuperNode found with the given public key" in link
+    # nokey: without a key a SuperNode tries to register itself, which node authentication forbids.
+    assert "SuperNode authentication is enabled. All SuperNodes must be registered" in logs["nokey"], logs["nokey"]
+    assert "[/v1/fleet/register-node][ApiError:2001]" in link
+    # dan: TLS refuses a server certificate from another CA, before any authentication.
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["dan"], logs["dan"]
+    assert not any("SuperNode ID" in log for log in logs.values())
+    # The registered devices are online; dan's registered key never connected; nobody else is a node.
+    nodes = fed.nodes()
+    assert {nodes[fed.node_ids[c]] for c in CLIENTS} == {"online"}, nodes
+    assert nodes[fed.node_ids["dan"]] == "registered"
+    assert set(nodes) == set(fed.node_ids.values())
+
+
+def test_loopback_equals_simulation_and_resumes(federation):
+    """Registered devices join: run 1 (one round) stops; run 2 (--resume) does round 2,
+    equal to 2 simulated rounds."""
+    fed, config, devices = federation
+    out = fed.tmp / "deployed"
+    code, _ = fed.run(config, out, ",".join(CLIENTS), "--set", "federated.rounds=1", tag="first")
+    assert code == 0, fed.logs()
+    code, second = fed.run(config, out, ",".join(CLIENTS), "--resume", tag="second")
+    assert code == 0, fed.logs()
+    assert "resumed from" in second
+
+    expected = _simulate(config, rounds=2)
+    restored = _restore(out, expected)
+    assert restored.round == 2
+    got, want = jax.device_get(restored.state.params), jax.device_get(expected.params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6), got, want)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), want, jax.device_get(
+        _simulate(config, rounds=0).params))), "training moved nothing: the comparison would be vacuous"
+
     rows = _rows(out)
-    assert len(rows) == 1 and rows[0]["clients"] == 1 and rows[0]["applied"] is True
-    assert [r["client_id"] for r in rows[0]["client_reports"]] == ["alice"]
-    assert rows[0]["failed_clients"] == []
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["clients"] == 3 and row["valid_clients"] == 3 and row["applied"] is True
+        assert row["failed_clients"] == []
+        # Bytes actually sent (payload incl. the name header) next to the modelled pytree bytes.
+        assert row["bytes_up_sent"] > row["bytes_up"] > 0
+        assert row["bytes_down_sent"] >= row["bytes_down"] > 0
+        assert row["tokens"] > 0 and row["client_seconds"] > 0
+        assert row["client_joules"] == pytest.approx(7.5 * row["client_seconds"], rel=0.2)  # constant-power estimate
+        assert row["energy_is_estimate"] is True
+        assert sorted(r["client_id"] for r in row["client_reports"]) == list(CLIENTS)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and len(summary["params_sha256"]) == 64
+
+
+def test_device_killed_and_nan_update_do_not_break_the_round(tmp_path):
+    """Round 2: carol's device (SuperNode and all) is SIGKILLed mid-training, bob sends NaN;
+    alice's update is applied; both reported.
+
+    Run with full fine-tuning (``lora=null``): the whole ``params`` collection travels."""
+    config, devices = _write_world(tmp_path, rounds=2)
+    out = tmp_path / "deployed"
+    env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"}}
+    with Federation(tmp_path) as fed:
+        _start_devices(fed, config, devices, env)
+        code, _ = fed.run(config, out, ",".join(CLIENTS), "--set", "lora=null", "--round-timeout", "60", tag="faults")
+        assert code == 0, fed.logs()
+        carol = fed.procs["carol"].wait(timeout=30)
+    assert carol == -signal.SIGKILL  # the device really died
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["valid_clients"] == 3 and rows[0]["failed_clients"] == []
+    full_bytes = 4 * sum(int(np.prod(r["shape"])) for r in _param_shapes(config))
+    assert rows[0]["bytes_up"] == 3 * full_bytes < rows[0]["bytes_up_sent"]
+    second = rows[1]
+    assert [f["client"] for f in second["failed_clients"]] == ["carol"]
+    assert second["nonfinite_clients"] == ["bob"]
+    assert second["clients"] == 2 and second["valid_clients"] == 1 and second["applied"] is True
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2

@@ -1,115 +1,157 @@
-"""``fedjax-fm deploy server|client``: the Flower deployment from the command line.
+"""``fedjax-fm deploy run|keygen``: the Flower deployment from the command line.
 
-    fedjax-fm deploy server CONFIG --out DIR --clients ID[,ID...] [--address HOST:PORT]
-        [--ca CA.pem --cert SERVER.pem --key SERVER.key] [--round-timeout S] [--wait S] [--resume]
-    fedjax-fm deploy client CONFIG --data DIR --server HOST:PORT [--client-id ID] [--ca CA.pem]
+    fedjax-fm deploy keygen PATH
+    fedjax-fm deploy run CONFIG --out DIR --clients ID[,ID...] --superlink NAME
+        [--set SECTION.KEY=VALUE ...] [--resume] [--wait S] [--round-timeout S]
 
-See docs/deploy.md.
+``keygen`` writes a device's SuperNode key pair. ``run`` submits the Flower App of
+:mod:`fedjax_fm.deploy.apps` to a SuperLink with Flower's own ``flwr run`` (``NAME``: a
+SuperLink connection in ``$FLWR_HOME/config.toml``), streams its log until the run
+ends and exits 0 only if Flower reports it completed. See docs/deploy.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
-import traceback
+import tempfile
 from pathlib import Path
 
 
-def _config(args: argparse.Namespace):
-    from fedjax_fm.config import load_config
+def _flwr() -> str:
+    """The ``flwr`` command of this Python environment."""
+    sibling = Path(sys.executable).with_name("flwr")
+    found = str(sibling) if sibling.is_file() else shutil.which("flwr")
+    if not found:
+        raise FileNotFoundError("Flower's `flwr` command was not found; install the deploy extra: "
+                                'pip install "fedjax-fm[deploy]"')
+    return found
 
-    return load_config(args.config, args.set)
 
+def _keygen_command(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _server_command(args: argparse.Namespace) -> int:
-    import json
-
-    from fedjax_fm.checkpoint import CheckpointError
-    from fedjax_fm.config import ConfigError
-    from fedjax_fm.deploy.server import run_server
-    from fedjax_fm.experiment import RunError
-
-    tls = (args.ca, args.cert, args.key)
-    if any(tls) and not all(tls):
-        print("fedjax-fm deploy server: error: TLS needs all of --ca, --cert and --key", file=sys.stderr)
+    private = Path(args.path)
+    public = private.with_name(private.name + ".pub")
+    existing = [str(p) for p in (private, public) if p.exists()]
+    if existing:
+        print(f"fedjax-fm deploy keygen: error: {', '.join(existing)} already exist(s); not overwriting",
+              file=sys.stderr)
         return 2
-    try:
-        cfg = _config(args)
-        certificates = tuple(Path(p).read_bytes() for p in tls) if all(tls) else None
-        clients = [c for c in args.clients.split(",") if c]
-        summary = run_server(cfg, args.out, clients, args.address, certificates=certificates, resume=args.resume,
-                             round_timeout_s=args.round_timeout, wait_s=args.wait, log=_say)
-    except (ConfigError, RunError, CheckpointError, FileNotFoundError) as error:
-        print(f"fedjax-fm deploy server: error: {error}", file=sys.stderr)
-        return 2
-    except BaseException:  # noqa: BLE001 - see below
-        # Flower's gRPC server threads are not daemons: after an error inside a round the
-        # process would live on without serving. Report and leave for real.
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    print(json.dumps({k: summary[k] for k in ("rounds", "final_train_loss", "failed_client_rounds", "params_sha256")}))
+    key = ec.generate_private_key(ec.SECP384R1())
+    private.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    print(f"wrote {private} (private: stays on this device) and {public} (register it on the server)")
     return 0
 
 
-def _client_command(args: argparse.Namespace) -> int:
-    from fedjax_fm.config import ConfigError
-    from fedjax_fm.data.records import DataError
-    from fedjax_fm.deploy.client import run_client
+def _run_command(args: argparse.Namespace) -> int:
+    import tomli_w
 
+    from fedjax_fm.config import ConfigError, load_config
+    from fedjax_fm.deploy.apps import APP_DIR
+    from fedjax_fm.deploy.assemble import check_deployable
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"fedjax-fm deploy run: error: {message}", file=sys.stderr)
+        return code
+
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    out = Path(args.out).expanduser().resolve()
     try:
-        cfg = _config(args)
-        ca = Path(args.ca).read_bytes() if args.ca else None
-        run_client(cfg, args.data, args.server, client_id=args.client_id, root_certificates=ca,
-                   max_wait_s=args.max_wait, log=_say)
-    except (ConfigError, DataError, FileNotFoundError) as error:
-        print(f"fedjax-fm deploy client: error: {error}", file=sys.stderr)
-        return 2
-    except ConnectionError as error:
-        print(f"fedjax-fm deploy client: error: {error}", file=sys.stderr)
-        return 1
+        cfg = load_config(args.config, args.set)
+        check_deployable(cfg)
+        flwr = _flwr()
+    except (ConfigError, FileNotFoundError) as error:
+        return fail(str(error))
+    if len(set(clients)) != len(clients) or not clients:
+        return fail(f"--clients must list distinct ids, got {args.clients!r}")
+    if cfg.federated.clients_per_round > len(clients):
+        return fail(f"federated.clients_per_round={cfg.federated.clients_per_round} but --clients lists "
+                    f"{len(clients)} id(s)")
+    if not args.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        return fail(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if any("\n" in s for s in args.set):
+        return fail("a --set value may not contain a newline")
+    run_config = {
+        "config": str(Path(args.config).expanduser().resolve()),
+        "out": str(out),
+        "clients": ",".join(clients),
+        "overrides": "\n".join(args.set),
+        "resume": bool(args.resume),
+        "wait": float(args.wait),
+        "round-timeout": float(args.round_timeout or 0.0),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "run-config.toml"
+        config_file.write_text(tomli_w.dumps(run_config))
+        command = [flwr, "run", str(APP_DIR), args.superlink, "--run-config", str(config_file), "--stream"]
+        run_id = None
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                found = re.search(r"Successfully started run (\d+)", line)
+                if found and run_id is None:
+                    run_id = found.group(1)
+        if proc.returncode != 0 or run_id is None:
+            return fail(f"`flwr run` exited with {proc.returncode}" + ("" if run_id else " before starting a run"), 1)
+    status = subprocess.run([flwr, "ls", args.superlink, "--run-id", run_id, "--format", "json"],
+                            capture_output=True, text=True)
+    try:
+        run = json.loads(status.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return fail(f"could not read the status of run {run_id} (`flwr ls`): {status.stdout}{status.stderr}", 1)
+    if run.get("status") != "finished:completed":
+        return fail(f"run {run_id} ended with status {run.get('status')!r}: {run.get('status-details')}", 1)
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        return fail(f"run {run_id} completed but wrote no {summary_path}", 1)
+    summary = json.loads(summary_path.read_text())
+    print(json.dumps({"run_id": run_id, **{k: summary[k] for k in ("rounds", "final_train_loss",
+                                                                   "failed_client_rounds", "params_sha256")}}))
     return 0
 
 
 def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
-    """Registers ``fedjax-fm deploy server ...`` and ``fedjax-fm deploy client ...``."""
+    """Registers ``fedjax-fm deploy run ...`` and ``fedjax-fm deploy keygen ...``."""
     parser = subparsers.add_parser(
-        "deploy", help="run the federated rounds on real devices with Flower (server or device side)",
+        "deploy", help="run the federated rounds on real devices with Flower (SuperLink/SuperNodes)",
         description="Deploy the same client and server steps on real devices with Flower (docs/deploy.md).")
-    sub = parser.add_subparsers(dest="deploy_command", metavar="ROLE", required=True)
+    sub = parser.add_subparsers(dest="deploy_command", metavar="COMMAND", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="the experiment YAML (the same file on the server and every device)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value (repeatable); use the same overrides everywhere")
+    run = sub.add_parser("run", help="submit the run to a SuperLink (flwr run) and follow it to the end",
+                         description="On the server machine: submit fedjax-fm's Flower App to the SuperLink "
+                                     "named --superlink and stream its log until the run ends.")
+    run.add_argument("config", help="the experiment YAML (the same file on the server and every device)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a config value (repeatable); sent to the devices with every round")
+    run.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/, summary.json")
+    run.add_argument("--clients", required=True, metavar="ID,ID,...",
+                     help="the devices' client ids (their data file stems); other devices get no work")
+    run.add_argument("--superlink", required=True, metavar="NAME",
+                     help="the SuperLink connection in $FLWR_HOME/config.toml (Flower's CLI configuration)")
+    run.add_argument("--round-timeout", type=float, default=None, metavar="S",
+                     help="seconds a device may take for a round before it counts as failed")
+    run.add_argument("--wait", type=float, default=120.0, metavar="S",
+                     help="seconds each round waits for its sampled devices to connect (default 120)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.set_defaults(func=_run_command)
 
-    server = sub.add_parser("server", help="the Flower server running our aggregation and server optimiser")
-    common(server)
-    server.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/, summary.json")
-    server.add_argument("--clients", required=True, metavar="ID,ID,...",
-                        help="the devices' client ids (their data file stems); others get no work")
-    server.add_argument("--address", default="0.0.0.0:8080", help="listen address (default 0.0.0.0:8080)")
-    server.add_argument("--ca", help="CA certificate (PEM) for TLS")
-    server.add_argument("--cert", help="server certificate (PEM), signed by the CA")
-    server.add_argument("--key", help="server private key (PEM)")
-    server.add_argument("--round-timeout", type=float, default=None, metavar="S",
-                        help="seconds a device may take for a round before it counts as failed")
-    server.add_argument("--wait", type=float, default=120.0, metavar="S",
-                        help="seconds each round waits for its sampled devices to connect (default 120)")
-    server.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    server.set_defaults(func=_server_command)
-
-    client = sub.add_parser("client", help="a device: trains on its own DIR/<client_id>.jsonl")
-    common(client)
-    client.add_argument("--data", required=True, metavar="DIR", help="folder holding this device's <client_id>.jsonl")
-    client.add_argument("--client-id", default=None, help="which file in --data (default: the only one)")
-    client.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
-    client.add_argument("--ca", help="CA certificate (PEM) that signed the server's certificate: enables TLS")
-    client.add_argument("--max-wait", type=float, default=300.0, metavar="S",
-                        help="retry an unreachable server for this many seconds since the last round trained (default 300)")
-    client.set_defaults(func=_client_command)
+    keygen = sub.add_parser("keygen", help="write a device's SuperNode key pair (EC P-384, OpenSSH format)",
+                            description="Writes PATH (private key, mode 600; stays on the device) and PATH.pub "
+                                        "(register it on the server with `flwr supernode register`).")
+    keygen.add_argument("path", metavar="PATH", help="where to write the private key; the public key goes to PATH.pub")
+    keygen.set_defaults(func=_keygen_command)

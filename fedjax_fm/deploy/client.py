@@ -6,10 +6,12 @@ variables (:mod:`fedjax_fm.deploy.wire`) and ``config``::
     round_index   rounds completed before this one (the key of its randomness)
     seed          the run seed (checked against the device's config)
     position      this client's index among the run's sorted client ids
+    overrides     the server's ``--set`` values, one per line (the device applies them
+                  to its copy of the config, then its own node-config ``set`` values)
 
 and the device answers with ``FitRes(delta, num_examples, metrics)`` where ``delta =
 x_t - x_local`` from ``fl.make_client_update`` (the simulation's function, jit
-compiled once), run on its own batches (:class:`~fedjax_fm.deploy.device_data.DeviceData`)
+compiled before the metered call), run on its own batches (:class:`~fedjax_fm.deploy.device_data.DeviceData`)
 with the key ``fold_in(fold_in(PRNGKey(seed), round_index), position)`` -- the
 simulation's client key -- and metered by :class:`fedjax_fm.energy.Meter`. Metrics
 carry the client id, loss, tokens, steps, seconds, joules, η_e, MFU, model FLOPs and
@@ -17,8 +19,9 @@ the payload bytes received and sent (scalars only: Flower metrics cannot be null
 an unmeasured figure is simply absent).
 
 Fault injection for tests and drills (environment variables, off by default):
-``FEDJAX_FM_DEPLOY_CRASH_AT_ROUND=t`` kills this process (SIGKILL) inside round
-``t``'s local training; ``FEDJAX_FM_DEPLOY_NAN_AT_ROUND=t`` returns a NaN delta in
+``FEDJAX_FM_DEPLOY_CRASH_AT_ROUND=t`` SIGKILLs this process's group inside round
+``t``'s local training -- the whole device (SuperNode, SuperExec and ClientApp) when
+``flower-supernode`` was started as a process-group leader (``setsid``); ``FEDJAX_FM_DEPLOY_NAN_AT_ROUND=t`` returns a NaN delta in
 round ``t``.
 """
 
@@ -118,7 +121,10 @@ class DeviceClient(Client):
             self.log(f"device {self.client_id}: compiled the client update in {time.perf_counter() - t0:.1f} s")
         with self.energy.meter.section("client") as section:
             if _env_round(CRASH_ENV) == round_index + 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # a device dying mid-round (fault drill)
+                # A device dying mid-round (fault drill): SIGKILL the process group -- the
+                # SuperNode, its SuperExec and this ClientApp when flower-supernode leads its group.
+                self.log(f"device {self.client_id}: fault drill, killing process group {os.getpgrp()}")
+                os.killpg(os.getpgrp(), signal.SIGKILL)
             delta, num_examples, metrics = section.block(self.update(trainable, self.frozen, batches, rng))
             host = jax.device_get({"n": num_examples, **metrics})
             section.tokens = float(host["tokens"])
@@ -148,39 +154,3 @@ class DeviceClient(Client):
         }
         metrics_out = {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and not np.isfinite(v))}
         return FitRes(Status(Code.OK, "ok"), parameters, int(round(float(host["n"]))), metrics_out)
-
-
-def run_client(cfg: ExperimentConfig, data_dir: str, server_address: str, *, client_id: str | None = None,
-               root_certificates: bytes | None = None, max_wait_s: float = 300.0, retry_every_s: float = 2.0,
-               log: Callable[[str], None] = print) -> None:
-    """Builds the device's client and serves the server at ``server_address`` until it says stop.
-
-    ``root_certificates``: the CA (PEM bytes) that signed the server's certificate; TLS is on
-    when given. While the server is unreachable (not started yet, restarting after a crash,
-    or refusing the TLS handshake) the device retries every ``retry_every_s`` seconds for up
-    to ``max_wait_s`` seconds since the last round it trained, then raises ``ConnectionError``.
-    (Flower's legacy client gives up on the first refused connection.)
-    """
-    import grpc
-    from flwr.client import start_client
-
-    client = DeviceClient(cfg, data_dir, client_id, log=log)
-    deadline = time.monotonic() + max_wait_s
-    rounds_seen = client.rounds_trained
-    while True:
-        try:
-            start_client(server_address=server_address, client=client, root_certificates=root_certificates,
-                         insecure=root_certificates is None, max_wait_time=max_wait_s)
-            return  # the server ended the run
-        except grpc.RpcError as error:
-            if not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            if client.rounds_trained != rounds_seen:  # progress since the last outage: a fresh wait
-                rounds_seen, deadline = client.rounds_trained, time.monotonic() + max_wait_s
-            details = error.details() if hasattr(error, "details") else str(error)
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"device {client.client_id}: server {server_address} unreachable for "
-                                      f"{max_wait_s:.0f} s: {details}") from None
-            log(f"device {client.client_id}: server {server_address} unavailable ({details}); "
-                f"retrying in {retry_every_s:.0f} s")
-            time.sleep(retry_every_s)

@@ -1,15 +1,19 @@
 """The server side: a Flower ``Strategy`` whose round is our pure server update.
 
-Per Flower round the strategy
+It runs inside the ServerApp (:mod:`fedjax_fm.deploy.apps`) that a SuperLink starts for
+each ``fedjax-fm deploy run``: :func:`serve` drives it over Flower's grid with
+``flwr.server.compat.start_grid``. The devices are the SuperNodes connected to that
+SuperLink (with ``--enable-supernode-auth``, only those whose public keys were
+registered). Per Flower round the strategy
 
-1. identifies the connected devices (``get_properties`` -> ``client_id``; a device
-   whose id is not in the run's client list is never given work, and is logged) and
-   waits up to ``wait_s`` for every sampled one;
+1. identifies the connected devices (``get_properties`` -> ``client_id``, the stem of
+   the device's data file; a device whose id is not in the run's client list is never
+   given work, and is logged) and waits up to ``wait_s`` for every sampled one;
 2. samples ``fl.sample_clients(seed, r, N, K)`` exactly as simulation does (``N`` =
    the listed client ids, sorted -- the ``client_folder`` order -- ``r`` = rounds
    completed) and sends each sampled, connected device the trainable variables
-   keyed by path (:mod:`fedjax_fm.deploy.wire`) with its ``round_index`` and
-   ``position``;
+   keyed by path (:mod:`fedjax_fm.deploy.wire`) with its ``round_index``,
+   ``position`` and the run's ``--set`` overrides;
 3. stacks the returned deltas in position order into ``fl.ClientOutputs`` and runs
    the algorithm's jitted ``server_step`` (our aggregation: weighting by examples,
    non-finite rejection, ``federated.min_clients``; then the configured server
@@ -17,7 +21,7 @@ Per Flower round the strategy
 4. appends a row to ``DIR/metrics.jsonl`` (the simulation's fields, see
    ``fedjax_fm.experiment.METRIC_FIELDS``, plus deployment fields) and saves an orbax
    checkpoint of the server state (``fedjax_fm.checkpoint.CheckpointStore``), from
-   which a restarted server resumes (``resume=True``).
+   which a later run resumes (``resume=True``).
 
 A device that crashes, times out (``round_timeout_s``) or fails to connect in time
 is reported in the row's ``failed_clients`` and the round goes on with the others;
@@ -33,6 +37,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -85,8 +90,9 @@ class _RoundPlan:
 class DeployStrategy(Strategy):
     """Our federated round as a Flower strategy (module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *, resume: bool = False,
-                 wait_s: float = 120.0, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
+                 overrides: Optional[list[str]] = None, resume: bool = False, wait_s: float = 120.0,
+                 log: Callable[[str], None] = print) -> None:
         from fedjax_fm import fl
 
         super().__init__()
@@ -96,6 +102,9 @@ class DeployStrategy(Strategy):
             raise RunError(f"federated.clients_per_round={cfg.federated.clients_per_round} but only "
                            f"{len(client_ids)} client ids were listed")
         self.cfg, self.log, self.wait_s = cfg, log, wait_s
+        self.overrides = list(overrides or [])
+        if any("\n" in o for o in self.overrides):
+            raise RunError(f"deploy server: an override may not contain a newline: {self.overrides}")
         self.client_ids = sorted(client_ids)  # positions: the simulation's client_folder order
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,19 +165,25 @@ class DeployStrategy(Strategy):
         for cid in list(self.identities):
             if cid not in proxies:
                 del self.identities[cid]
-        for cid, proxy in proxies.items():
-            if cid in self.identities:
-                continue
-            try:
-                res = proxy.get_properties(GetPropertiesIns({}), timeout=30.0, group_id=group_id)
-                name = str(res.properties.get("client_id", ""))
-            except Exception as error:  # a device that cannot answer is treated as absent this time
-                self.log(f"device {cid}: no answer to get_properties ({error!r})")
-                continue
-            if name not in self.client_ids:
-                self.log(f"device {cid} calls itself {name!r}, which is not in the client list; it gets no work")
-                name = ""
-            self.identities[cid] = name
+        def ask(proxy: ClientProxy) -> str:
+            res = proxy.get_properties(GetPropertiesIns({}), timeout=60.0, group_id=group_id)
+            return str(res.properties.get("client_id", ""))
+
+        new = [cid for cid in proxies if cid not in self.identities]
+        if new:
+            # In parallel: on a SuperNode each question starts a ClientApp process.
+            with ThreadPoolExecutor(max_workers=len(new)) as pool:
+                futures = {cid: pool.submit(ask, proxies[cid]) for cid in new}
+            for cid, future in futures.items():
+                try:
+                    name = future.result()
+                except Exception as error:  # a device that cannot answer is treated as absent this time
+                    self.log(f"device {cid}: no answer to get_properties ({error!r})")
+                    continue
+                if name not in self.client_ids:
+                    self.log(f"device {cid} calls itself {name!r}, which is not in the client list; it gets no work")
+                    name = ""
+                self.identities[cid] = name
         present: dict[str, ClientProxy] = {}
         for cid, name in self.identities.items():
             if name and name not in present and cid in proxies:
@@ -203,7 +218,8 @@ class DeployStrategy(Strategy):
         self.plan = _RoundPlan(round_index, started, sampled, sent, payload_bytes(payload), absent)
         instructions = [
             (present[name], FitIns(payload, {"round_index": round_index, "seed": cfg.seed,
-                                             "position": self.client_ids.index(name)}))
+                                             "position": self.client_ids.index(name),
+                                             "overrides": "\n".join(self.overrides)}))
             for name in sent
         ]
         if not instructions:
@@ -353,24 +369,24 @@ class DeployStrategy(Strategy):
         return summary
 
 
-def run_server(cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], address: str, *,
-               certificates: Optional[tuple[bytes, bytes, bytes]] = None, resume: bool = False,
-               round_timeout_s: Optional[float] = None, wait_s: float = 120.0,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Serves ``cfg.federated.rounds`` rounds (minus those a resumed run has done) at ``address``.
+def serve(grid: Any, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
+          overrides: Optional[list[str]] = None, resume: bool = False, round_timeout_s: Optional[float] = None,
+          wait_s: float = 120.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs ``cfg.federated.rounds`` rounds (minus those a resumed run has done) on Flower's ``grid``.
 
-    ``certificates``: ``(CA cert, server cert, server key)`` PEM bytes; TLS is on when given.
+    Called by the ServerApp (:mod:`fedjax_fm.deploy.apps`) inside a SuperLink run.
+    ``overrides``: the ``--set`` values the config was loaded with; they travel to the
+    devices with each round (so every device trains the server's config).
     ``round_timeout_s``: a device that has not answered by then counts as failed.
     ``wait_s``: how long each round waits for its sampled devices to connect.
     """
-    from flwr.server import ServerConfig, start_server
+    from flwr.server import ServerConfig
+    from flwr.server.compat import start_grid
 
-    strategy = DeployStrategy(cfg, out_dir, client_ids, resume=resume, wait_s=wait_s, log=log)
+    strategy = DeployStrategy(cfg, out_dir, client_ids, overrides=overrides, resume=resume, wait_s=wait_s, log=log)
     remaining = cfg.federated.rounds - strategy.rounds_done
     if remaining > 0:
-        start_server(server_address=address, strategy=strategy,
-                     config=ServerConfig(num_rounds=remaining, round_timeout=round_timeout_s),
-                     certificates=certificates)
+        start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=remaining, round_timeout=round_timeout_s))
     else:
         log(f"the run already completed {strategy.rounds_done} rounds (federated.rounds={cfg.federated.rounds})")
     return strategy.finish()
