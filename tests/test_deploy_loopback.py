@@ -126,15 +126,15 @@ class Federation:
         self.home.mkdir()
         self.xla_cache = tmp / "xla-cache"  # shared by the server and the devices: one compile per shape
         self.address = f"127.0.0.1:{_free_port()}"
+        # What docs/deploy.md appends to ~/.flwr/config.toml.
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "fedjax"\n\n[superlink.fedjax]\naddress = "{self.address}"\n'
-            f'root-certificates = "{self.ca}"\n')
+            f'\n[superlink.fedjax]\naddress = "{self.address}"\nroot-certificates = "{self.ca}"\n')
         self.link_log = tmp / "superlink.log"
         try:
             self._start("superlink", ["flower-superlink", "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
                                       "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", "127.0.0.1",
-                                      "--port", self.address.rsplit(":", 1)[1],
-                                      "--disable-runtime-dependency-installation"],
+                                      "--port", self.address.rsplit(":", 1)[1], "--database",
+                                      str(tmp / "superlink.db"), "--disable-runtime-dependency-installation"],
                         self.link_log, FLWR_HOME=str(self.home))
             self.wait_for(self.link_log, "Uvicorn running on", 60)
         except BaseException:
