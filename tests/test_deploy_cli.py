@@ -52,7 +52,7 @@ federated: {rounds: 1, num_clients: 2, clients_per_round: 2, local_steps: 1, loc
 def test_run_refuses_bad_requests_before_contacting_a_superlink(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
-    common = ("--superlink", "nowhere")
+    common = ("--superlink", "nowhere", "--no-device-keys")
     few = _cli("run", str(config), "--out", "out", "--clients", "a", *common, cwd=tmp_path)
     assert few.returncode == 2 and "clients_per_round=2 but --clients lists 1" in few.stderr
     dup = _cli("run", str(config), "--out", "out", "--clients", "a,a", *common, cwd=tmp_path)
@@ -64,6 +64,16 @@ def test_run_refuses_bad_requests_before_contacting_a_superlink(tmp_path):
     epochs = _cli("run", str(config), "--out", "fresh", "--clients", "a,b", "--set", "federated.local_epochs=1",
                   *common, cwd=tmp_path)
     assert epochs.returncode == 2 and "federated.local_steps" in epochs.stderr
+    # Binding is a choice the operator makes explicitly.
+    unchosen = _cli("run", str(config), "--out", "fresh", "--clients", "a,b", "--superlink", "nowhere", cwd=tmp_path)
+    assert unchosen.returncode == 2 and "one of the arguments --device-keys --no-device-keys is required" \
+        in unchosen.stderr
+    # A listed client without a key file is named before any SuperLink is contacted ("nowhere" is no connection).
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "a.pub").write_text("ecdsa-sha2-nistp384 AAAA a\n")
+    nokey = _cli("run", str(config), "--out", "fresh", "--clients", "a,b", "--superlink", "nowhere",
+                 "--device-keys", "keys", cwd=tmp_path)
+    assert nokey.returncode == 2 and "no public key for listed client(s) b (expected keys/b.pub)" in nokey.stderr
 
 
 def test_client_app_names_a_missing_node_config(tmp_path):

@@ -4,13 +4,15 @@ Every test runs the documented commands (docs/deploy.md): ``flower-superlink
 --enable-supernode-auth`` with TLS, ``fedjax-fm deploy keygen`` for each device's key,
 ``flwr supernode register`` of the listed devices' public keys, ``flower-supernode
 --auth-supernode-private-key ... --node-config ...`` per device and ``fedjax-fm deploy
-run`` on the server side.
+run --device-keys keys/`` on the server side (each listed id bound to its device's key).
 
 * node authentication: a SuperNode whose key is not registered, and one without a
   key, are refused by the SuperLink; a registered one trusting another CA fails the
   TLS handshake; the registered device trains and the run completes;
 * equivalence: the deployed run's global parameters equal the simulation's, across a
-  resumed second run;
+  resumed second run, while a registered impostor device claiming alice's id (with
+  other data) is given no work and reported in every round;
+* ``deploy run`` refuses a listed id whose key is not registered, before submitting;
 * a device killed mid-round and one returning NaN: the round completes with the
   remaining device and both are reported.
 
@@ -202,10 +204,11 @@ class Federation:
         return self._start(name, command, self.tmp / f"node-{name}.log", FLWR_HOME=str(home), **env)
 
     def run(self, config: Path, out: Path, clients: str, *extra: str, tag: str = "run") -> tuple[int, str]:
-        """``fedjax-fm deploy run`` to the end; returns its exit code and output."""
+        """``fedjax-fm deploy run --device-keys keys/`` to the end; returns its exit code and output."""
         log = self.tmp / f"{tag}.log"
         command = [sys.executable, "-m", "fedjax_fm", "deploy", "run", str(config), "--out", str(out),
-                   "--clients", clients, "--superlink", "fedjax", "--wait", "90", *extra]
+                   "--clients", clients, "--superlink", "fedjax", "--device-keys", str(self.tmp / "keys"),
+                   "--wait", "90", *extra]
         proc = self._start(tag, command, log, FLWR_HOME=str(self.home))
         try:
             code = proc.wait(timeout=RUN_TIMEOUT_S)
@@ -315,12 +318,17 @@ def _write_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """A SuperLink (TLS, node authentication) with alice, bob and carol registered and connected."""
+    """A SuperLink (TLS, node authentication) with alice, bob and carol registered and connected,
+    plus mallet: registered and connected too, but its data file says it is alice (other data)."""
+    from fedjax_fm.data.local_files import write_jsonl
+
     tmp = tmp_path_factory.mktemp("federation")
     config, devices = _write_world(tmp, rounds=2)
+    impostor = tmp / "devices" / "mallet"
+    write_jsonl(impostor / "alice.jsonl", _examples("mallet", SIZES["alice"]))
     with Federation(tmp) as fed:
-        _start_devices(fed, config, devices)
-        for client in CLIENTS:
+        _start_devices(fed, config, {**devices, "mallet": impostor})
+        for client in (*CLIENTS, "mallet"):
             fed.wait_for(tmp / f"node-{client}.log", "SuperNode ID", 60, proc=client)
         yield fed, config, devices
 
@@ -360,14 +368,23 @@ def test_supernodes_without_a_registered_key_are_refused(federation):
     assert not any("SuperNode ID" in log for log in logs.values())
     # The registered devices are online; dan's registered key never connected; nobody else is a node.
     nodes = fed.nodes()
-    assert {nodes[fed.node_ids[c]] for c in CLIENTS} == {"online"}, nodes
+    assert {nodes[fed.node_ids[c]] for c in (*CLIENTS, "mallet")} == {"online"}, nodes
     assert nodes[fed.node_ids["dan"]] == "registered"
     assert set(nodes) == set(fed.node_ids.values())
+    # `deploy run --device-keys` refuses a listed id whose key (keys/mallory.pub) is not registered, and
+    # names the command that would register it -- before submitting anything.
+    code, out = fed.run(config, tmp / "never", "alice,bob,mallory", tag="unregistered")
+    assert code == 2, out
+    assert "public key(s) of mallory are not registered with SuperLink 'fedjax'" in out
+    assert f"flwr supernode register {tmp / 'keys' / 'mallory.pub'} fedjax" in out
+    assert not (tmp / "never").exists() and "Successfully started run" not in out
 
 
 def test_loopback_equals_simulation_and_resumes(federation):
     """Registered devices join: run 1 (one round) stops; run 2 (--resume) does round 2,
-    equal to 2 simulated rounds."""
+    equal to 2 simulated rounds. mallet (registered, online, claims alice's id with other
+    data) gets no work in either run and is reported in every row: alice's id is bound to
+    alice's key."""
     fed, config, devices = federation
     out = fed.tmp / "deployed"
     code, _ = fed.run(config, out, ",".join(CLIENTS), "--set", "federated.rounds=1", tag="first")
@@ -375,6 +392,12 @@ def test_loopback_equals_simulation_and_resumes(federation):
     code, second = fed.run(config, out, ",".join(CLIENTS), "--resume", tag="second")
     assert code == 0, fed.logs()
     assert "resumed from" in second
+    mallet = fed.node_ids["mallet"]
+    for log in (fed.tmp / "first.log", fed.tmp / "second.log"):
+        text = log.read_text(errors="replace")
+        assert f"alice: node {fed.node_ids['alice']}" in text  # the binding deploy run resolved
+        assert f"REJECTED device node {mallet}: it claims 'alice', but 'alice' is bound to node " \
+               f"{fed.node_ids['alice']}" in text, text[-4000:]
 
     expected = _simulate(config, rounds=2)
     restored = _restore(out, expected)
@@ -396,8 +419,14 @@ def test_loopback_equals_simulation_and_resumes(federation):
         assert row["client_joules"] == pytest.approx(7.5 * row["client_seconds"], rel=0.2)  # constant-power estimate
         assert row["energy_is_estimate"] is True
         assert sorted(r["client_id"] for r in row["client_reports"]) == list(CLIENTS)
+        # Each id's work went to its own key's node, and the impostor is on record.
+        assert {r["client_id"]: int(r["node_id"]) for r in row["client_reports"]} == \
+            {c: fed.node_ids[c] for c in CLIENTS}
+        assert [(d["node_id"], d["claimed"]) for d in row["rejected_devices"]] == [(str(mallet), "alice")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and len(summary["params_sha256"]) == 64
+    assert summary["client_nodes"] == {c: str(fed.node_ids[c]) for c in CLIENTS}
+    assert summary["rejected_devices"] == [{"node_id": str(mallet), "claimed": "alice"}]
 
 
 def test_device_killed_and_nan_update_do_not_break_the_round(tmp_path):

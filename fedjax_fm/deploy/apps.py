@@ -5,8 +5,9 @@ these two objects) with ``flwr run``; see ``docs/deploy.md``.
 
 * ``server_app`` runs in the SuperLink's ServerApp process. Its run config (set by
   ``fedjax-fm deploy run``; keys in ``flower-app/pyproject.toml``) names the experiment
-  YAML, the run directory, the client ids, the ``--set`` overrides, ``resume``, ``wait``
-  and ``round-timeout``; it drives :class:`fedjax_fm.deploy.server.DeployStrategy` over
+  YAML, the run directory, the client ids, their bound Flower node ids
+  (``device-nodes``, :mod:`fedjax_fm.deploy.binding`), the ``--set`` overrides,
+  ``resume``, ``wait`` and ``round-timeout``; it drives :class:`fedjax_fm.deploy.server.DeployStrategy` over
   Flower's grid (:func:`fedjax_fm.deploy.server.serve`).
 * ``client_app`` runs in a process the SuperNode starts for each message. Its node
   config (``flower-supernode --node-config``) says where the device's files are::
@@ -76,6 +77,7 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     from fedjax_fm.config import load_config
+    from fedjax_fm.deploy.binding import BindingError, decode_node_ids
     from fedjax_fm.deploy.server import serve
 
     _use_compilation_cache()
@@ -86,8 +88,12 @@ def _server_main(grid: Grid, context: Context) -> None:
     overrides = _lines(run_config.get("overrides"))
     cfg = load_config(str(run_config["config"]), overrides)
     clients = [c.strip() for c in str(run_config["clients"]).split(",") if c.strip()]
+    try:
+        node_ids = decode_node_ids(str(run_config.get("device-nodes", "")), clients)
+    except BindingError as error:
+        raise DeployAppError(str(error)) from None
     round_timeout = float(run_config.get("round-timeout", 0.0))
-    summary = serve(grid, cfg, str(run_config["out"]), clients, overrides=overrides,
+    summary = serve(grid, cfg, str(run_config["out"]), clients, node_ids=node_ids, overrides=overrides,
                     resume=bool(run_config.get("resume", False)), wait_s=float(run_config.get("wait", 120.0)),
                     round_timeout_s=round_timeout if round_timeout > 0 else None, log=_log)
     _log("summary: " + json.dumps({k: summary[k] for k in ("rounds", "final_train_loss", "failed_client_rounds",

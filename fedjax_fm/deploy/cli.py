@@ -2,12 +2,15 @@
 
     fedjax-fm deploy keygen PATH
     fedjax-fm deploy run CONFIG --out DIR --clients ID[,ID...] --superlink NAME
+        (--device-keys KEYDIR | --no-device-keys)
         [--set SECTION.KEY=VALUE ...] [--resume] [--wait S] [--round-timeout S]
 
 ``keygen`` writes a device's SuperNode key pair. ``run`` submits the Flower App of
 :mod:`fedjax_fm.deploy.apps` to a SuperLink with Flower's own ``flwr run`` (``NAME``: a
 SuperLink connection in ``$FLWR_HOME/config.toml``), streams its log until the run
-ends and exits 0 only if Flower reports it completed. See docs/deploy.md.
+ends and exits 0 only if Flower reports it completed. Before submitting, it binds each
+listed client id to the Flower node id of the device key ``KEYDIR/<id>.pub``
+(:mod:`fedjax_fm.deploy.binding`) and refuses the run if that fails. See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def _run_command(args: argparse.Namespace) -> int:
     from fedjax_fm.config import ConfigError, load_config
     from fedjax_fm.deploy.apps import APP_DIR
     from fedjax_fm.deploy.assemble import check_deployable
+    from fedjax_fm.deploy import binding
 
     def fail(message: str, code: int = 2) -> int:
         print(f"fedjax-fm deploy run: error: {message}", file=sys.stderr)
@@ -84,10 +88,24 @@ def _run_command(args: argparse.Namespace) -> int:
         return fail(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if any("\n" in s for s in args.set):
         return fail("a --set value may not contain a newline")
+    node_ids = None
+    if args.device_keys is not None:
+        try:
+            keys = binding.load_device_keys(clients, args.device_keys)  # files first: no SuperLink needed
+            node_ids = binding.resolve_node_ids(keys, binding.registered_nodes(args.superlink), args.superlink,
+                                                Path(args.device_keys).expanduser())
+        except binding.BindingError as error:
+            return fail(str(error))
+        for client in sorted(node_ids):
+            print(f"{client}: node {node_ids[client]} (key {Path(args.device_keys) / f'{client}.pub'})")
+    else:
+        print("fedjax-fm deploy run: warning: --no-device-keys: client ids are not bound to device keys; a "
+              "registered device may claim any listed id", file=sys.stderr)
     run_config = {
         "config": str(Path(args.config).expanduser().resolve()),
         "out": str(out),
         "clients": ",".join(clients),
+        "device-nodes": binding.encode_node_ids(node_ids),
         "overrides": "\n".join(args.set),
         "resume": bool(args.resume),
         "wait": float(args.wait),
@@ -143,6 +161,12 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
                      help="the devices' client ids (their data file stems); other devices get no work")
     run.add_argument("--superlink", required=True, metavar="NAME",
                      help="the SuperLink connection in $FLWR_HOME/config.toml (Flower's CLI configuration)")
+    bind = run.add_mutually_exclusive_group(required=True)
+    bind.add_argument("--device-keys", metavar="KEYDIR",
+                      help="folder with each listed device's public key as <client_id>.pub: a client id's work "
+                           "goes only to the SuperNode registered with that key")
+    bind.add_argument("--no-device-keys", action="store_true",
+                      help="do not bind client ids to keys (any registered device may claim any listed id)")
     run.add_argument("--round-timeout", type=float, default=None, metavar="S",
                      help="seconds a device may take for a round before it counts as failed")
     run.add_argument("--wait", type=float, default=120.0, metavar="S",

@@ -8,7 +8,12 @@ registered). Per Flower round the strategy
 
 1. identifies the connected devices (``get_properties`` -> ``client_id``, the stem of
    the device's data file; a device whose id is not in the run's client list is never
-   given work, and is logged) and waits up to ``wait_s`` for every sampled one;
+   given work, and is logged). With ``node_ids`` (``deploy run --device-keys``:
+   :mod:`fedjax_fm.deploy.binding`) a listed id's work goes only to the Flower node
+   whose registered key is bound to that id (the compat layer's
+   ``GridClientProxy.node_id``); any other node claiming a listed id gets no work and
+   is logged and reported in the row's ``rejected_devices``. Waits up to ``wait_s``
+   for every sampled device;
 2. samples ``fl.sample_clients(seed, r, N, K)`` exactly as simulation does (``N`` =
    the listed client ids, sorted -- the ``client_folder`` order -- ``r`` = rounds
    completed) and sends each sampled, connected device the trainable variables
@@ -54,12 +59,14 @@ from fedjax_fm import run_setup as setup
 from fedjax_fm.checkpoint import CheckpointStore
 from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.deploy.assemble import build_pieces
+from fedjax_fm.deploy.binding import assign_devices
 from fedjax_fm.deploy.wire import WireError, decode_tree, encode_tree, payload_bytes
 from fedjax_fm.experiment import METRIC_FIELDS, RunError, resume_mismatches
 from fedjax_fm.fingerprint import params_sha256
 
 # Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
-DEPLOY_FIELDS = ("bytes_up_sent", "bytes_down_sent", "failed_clients", "nonfinite_clients", "client_reports")
+DEPLOY_FIELDS = ("bytes_up_sent", "bytes_down_sent", "failed_clients", "nonfinite_clients", "rejected_devices",
+                 "client_reports")
 
 
 def _json_safe(value: Any) -> Any:
@@ -77,6 +84,15 @@ def _sum_or_none(values: list[Any]) -> Optional[float]:
     return float(sum(values))
 
 
+def _node_id(proxy: ClientProxy) -> int:
+    """The Flower node id behind a compat-layer proxy (``flwr.server.compat``'s
+    ``GridClientProxy.node_id``: the node the SuperLink authenticated by its key)."""
+    node = getattr(proxy, "node_id", None)
+    if node is None:
+        raise RunError(f"deploy server: client proxy {proxy!r} has no node_id (not Flower's GridClientProxy)")
+    return int(node)
+
+
 @dataclasses.dataclass
 class _RoundPlan:
     round_index: int
@@ -85,14 +101,16 @@ class _RoundPlan:
     sent: list[str]
     bytes_down_each: int
     absent: list[str]
+    nodes: dict[str, int]  # sent client id -> the node id it was sent to
+    rejected: list[dict]
 
 
 class DeployStrategy(Strategy):
     """Our federated round as a Flower strategy (module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
-                 overrides: Optional[list[str]] = None, resume: bool = False, wait_s: float = 120.0,
-                 log: Callable[[str], None] = print) -> None:
+                 node_ids: Optional[dict[str, int]] = None, overrides: Optional[list[str]] = None,
+                 resume: bool = False, wait_s: float = 120.0, log: Callable[[str], None] = print) -> None:
         from fedjax_fm import fl
 
         super().__init__()
@@ -106,6 +124,16 @@ class DeployStrategy(Strategy):
         if any("\n" in o for o in self.overrides):
             raise RunError(f"deploy server: an override may not contain a newline: {self.overrides}")
         self.client_ids = sorted(client_ids)  # positions: the simulation's client_folder order
+        if node_ids is not None and (sorted(node_ids) != self.client_ids
+                                     or len(set(node_ids.values())) != len(node_ids)):
+            raise RunError(f"deploy server: node_ids must bind each client id to its own node, got {node_ids} "
+                           f"for {self.client_ids}")
+        self.node_ids = None if node_ids is None else {c: int(n) for c, n in node_ids.items()}
+        if self.node_ids is None:
+            log("client ids are NOT bound to device keys (--no-device-keys): a registered device may claim "
+                "any listed id")
+        else:
+            log("client ids bound to Flower node ids (registered keys): " + json.dumps(self.node_ids))
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -137,7 +165,9 @@ class DeployStrategy(Strategy):
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, self.metrics_path)
         self._warm_up(cfg.federated.clients_per_round)
-        self.identities: dict[str, str] = {}  # Flower cid -> our client id (or "" for an unlisted device)
+        self.claims: dict[int, str] = {}  # Flower node id -> the client id that node says it is
+        self.reported: set[tuple[int, str]] = set()  # (node, claim) pairs already logged
+        self.rejected: list[dict] = []  # the latest identification's refused claims
         self.plan: Optional[_RoundPlan] = None
 
     def _warm_up(self, num_clients: int) -> None:
@@ -160,35 +190,45 @@ class DeployStrategy(Strategy):
     # -- devices -------------------------------------------------------------------
 
     def _identify(self, client_manager: ClientManager, group_id: int) -> dict[str, ClientProxy]:
-        """``{client_id: proxy}`` of the connected, listed devices (asks new ones for their id)."""
-        proxies = dict(client_manager.all())  # a copy: devices (un)register from gRPC threads meanwhile
-        for cid in list(self.identities):
-            if cid not in proxies:
-                del self.identities[cid]
+        """``{client_id: proxy}`` of the connected devices that do a listed id's work (asks new
+        nodes which id they claim; binding decides: :func:`fedjax_fm.deploy.binding.assign_devices`)."""
+        proxies = {_node_id(p): p for p in dict(client_manager.all()).values()}  # a copy: (un)registrations race
+        for node in list(self.claims):
+            if node not in proxies:
+                del self.claims[node]
+
         def ask(proxy: ClientProxy) -> str:
             res = proxy.get_properties(GetPropertiesIns({}), timeout=60.0, group_id=group_id)
             return str(res.properties.get("client_id", ""))
 
-        new = [cid for cid in proxies if cid not in self.identities]
+        new = [node for node in proxies if node not in self.claims]
         if new:
             # In parallel: on a SuperNode each question starts a ClientApp process.
             with ThreadPoolExecutor(max_workers=len(new)) as pool:
-                futures = {cid: pool.submit(ask, proxies[cid]) for cid in new}
-            for cid, future in futures.items():
+                futures = {node: pool.submit(ask, proxies[node]) for node in new}
+            for node, future in futures.items():
                 try:
-                    name = future.result()
+                    self.claims[node] = future.result()
                 except Exception as error:  # a device that cannot answer is treated as absent this time
-                    self.log(f"device {cid}: no answer to get_properties ({error!r})")
-                    continue
-                if name not in self.client_ids:
-                    self.log(f"device {cid} calls itself {name!r}, which is not in the client list; it gets no work")
-                    name = ""
-                self.identities[cid] = name
-        present: dict[str, ClientProxy] = {}
-        for cid, name in self.identities.items():
-            if name and name not in present and cid in proxies:
-                present[name] = proxies[cid]
-        return present
+                    self.log(f"device node {node}: no answer to get_properties ({error!r})")
+        assignment = assign_devices(self.claims, self.client_ids, self.node_ids)
+        for node, name in assignment.unlisted.items():
+            if (node, name) not in self.reported:
+                self.reported.add((node, name))
+                self.log(f"device node {node} calls itself {name!r}, which is not in the client list; it gets no work")
+        for rejected in assignment.rejected:
+            if (rejected["node_id"], rejected["claimed"]) not in self.reported:
+                self.reported.add((rejected["node_id"], rejected["claimed"]))
+                self.log(f"REJECTED device node {rejected['node_id']}: it claims {rejected['claimed']!r}, but "
+                         f"{rejected['reason']}; it gets no work")
+        self.rejected = assignment.rejected
+        return {name: proxies[node] for name, node in assignment.present.items()}
+
+    def _absent_reason(self, name: str) -> str:
+        if self.node_ids is not None and self.node_ids[name] in self.claims:
+            return (f"not connected in time: its bound node {self.node_ids[name]} is connected but claims "
+                    f"{self.claims[self.node_ids[name]]!r} (check that device's data file and --device-keys)")
+        return "not connected in time"
 
     # -- Flower's Strategy interface ------------------------------------------------
 
@@ -215,7 +255,10 @@ class DeployStrategy(Strategy):
         if absent:
             self.log(f"round {round_index + 1}: sampled devices not connected after {self.wait_s:.0f} s: {absent}")
         payload = encode_tree(self.state.params)
-        self.plan = _RoundPlan(round_index, started, sampled, sent, payload_bytes(payload), absent)
+        self.plan = _RoundPlan(round_index, started, sampled, sent, payload_bytes(payload), absent,
+                               {name: _node_id(present[name]) for name in sent},
+                               # node ids as strings (unsigned 64-bit), as in the client reports
+                               [{**r, "node_id": str(r["node_id"])} for r in self.rejected])
         instructions = [
             (present[name], FitIns(payload, {"round_index": round_index, "seed": cfg.seed,
                                              "position": self.client_ids.index(name),
@@ -235,13 +278,15 @@ class DeployStrategy(Strategy):
                 reasons.append(repr(failure))
             else:
                 proxy, res = failure
-                reasons.append(f"{self.identities.get(proxy.cid, proxy.cid)}: {res.status.message}")
+                reasons.append(f"{self.claims.get(_node_id(proxy), proxy.cid)}: {res.status.message}")
         updates = []
         for proxy, res in results:
             name = str(res.metrics.get("client_id", ""))
-            if self.plan is None or name not in self.plan.sent:
-                reasons.append(f"{name or proxy.cid}: answered without being asked; ignored")
+            node = _node_id(proxy)
+            if self.plan is None or self.plan.nodes.get(name) != node:
+                reasons.append(f"node {node} answered as {name!r} without being asked as it; ignored")
                 continue
+            res.metrics["node_id"] = str(node)  # a string: node ids are unsigned 64-bit
             try:
                 delta = decode_tree(res.parameters, self.state.params)
             except WireError as error:
@@ -271,7 +316,7 @@ class DeployStrategy(Strategy):
         assert plan is not None and plan.round_index == self.rounds_done
         updates.sort(key=lambda u: self.client_ids.index(u[0]))
         answered = {name for name, _, _ in updates}
-        failed = [{"client": name, "reason": "not connected in time"} for name in plan.absent]
+        failed = [{"client": name, "reason": self._absent_reason(name)} for name in plan.absent]
         unexplained = [name for name in plan.sent if name not in answered]
         for i, name in enumerate(unexplained):
             # Flower's exceptions do not name the device; pair them in order (usually one each).
@@ -327,6 +372,7 @@ class DeployStrategy(Strategy):
             bytes_up_sent=int(sum(payload_bytes(res.parameters) for _, _, res in updates)),
             bytes_down_sent=plan.bytes_down_each * len(plan.sent),
             failed_clients=failed,
+            rejected_devices=plan.rejected,
             client_reports=reports,
             wall_seconds=time.perf_counter() - plan.started,
         )
@@ -358,6 +404,9 @@ class DeployStrategy(Strategy):
             "mode": f"lora(r={self.cfg.lora.rank})" if self.cfg.lora else "full",
             "server_optimizer": self.cfg.federated.server_optimizer.name,
             "clients": self.client_ids,
+            "client_nodes": None if self.node_ids is None else {c: str(n) for c, n in self.node_ids.items()},
+            "rejected_devices": [{"node_id": n, "claimed": c} for n, c in sorted(
+                {(str(d["node_id"]), d["claimed"]) for r in train for d in r.get("rejected_devices") or []})],
             "final_train_loss": next((r["train_loss"] for r in reversed(train) if r.get("train_loss") is not None), None),
             "failed_client_rounds": sum(len(r.get("failed_clients") or []) for r in train),
             "totals": totals,
@@ -370,8 +419,8 @@ class DeployStrategy(Strategy):
 
 
 def serve(grid: Any, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
-          overrides: Optional[list[str]] = None, resume: bool = False, round_timeout_s: Optional[float] = None,
-          wait_s: float = 120.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+          node_ids: Optional[dict[str, int]] = None, overrides: Optional[list[str]] = None, resume: bool = False,
+          round_timeout_s: Optional[float] = None, wait_s: float = 120.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs ``cfg.federated.rounds`` rounds (minus those a resumed run has done) on Flower's ``grid``.
 
     Called by the ServerApp (:mod:`fedjax_fm.deploy.apps`) inside a SuperLink run.
@@ -379,11 +428,14 @@ def serve(grid: Any, cfg: ExperimentConfig, out_dir: str | Path, client_ids: lis
     devices with each round (so every device trains the server's config).
     ``round_timeout_s``: a device that has not answered by then counts as failed.
     ``wait_s``: how long each round waits for its sampled devices to connect.
+    ``node_ids``: ``{client_id: Flower node id}`` binding each id to its device's
+    registered key (``None``: ids are not bound; see docs/deploy.md).
     """
     from flwr.server import ServerConfig
     from flwr.server.compat import start_grid
 
-    strategy = DeployStrategy(cfg, out_dir, client_ids, overrides=overrides, resume=resume, wait_s=wait_s, log=log)
+    strategy = DeployStrategy(cfg, out_dir, client_ids, node_ids=node_ids, overrides=overrides, resume=resume,
+                              wait_s=wait_s, log=log)
     remaining = cfg.federated.rounds - strategy.rounds_done
     if remaining > 0:
         start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=remaining, round_timeout=round_timeout_s))
