@@ -212,11 +212,13 @@ class FederatedSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    """Held-out evaluation: loss and ROUGE of greedy generations.
+    """Held-out evaluation: loss and ROUGE of generations.
 
     Runs before training (round 0) when ``at_start`` is true, every ``every`` rounds,
     and after the last round. ``max_examples`` caps the evaluation set (taken in a
-    fixed order, so every evaluation sees the same examples).
+    fixed order, so every evaluation sees the same examples). Generation is greedy
+    with ``num_beams: 1``, else beam search with ``length_penalty`` (Hugging Face's
+    semantics, ``fedjax_fm.models.generate``).
     """
 
     every: int = 1
@@ -224,9 +226,11 @@ class EvalSection:
     max_examples: Optional[int] = 64
     batch_size: int = 16
     max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("every", "batch_size", "max_new_tokens"):
+        for key in ("every", "batch_size", "max_new_tokens", "num_beams"):
             _positive(f"eval.{key}", getattr(self, key))
         if self.max_examples is not None:
             _positive("eval.max_examples", self.max_examples)

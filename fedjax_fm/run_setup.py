@@ -278,7 +278,8 @@ def build_evaluator(cfg: ExperimentConfig, model: Any, tokenizer: Any, data: Any
         return batch_loss(model, variables, batch)
 
     def generate_fn(variables, input_ids, attention_mask):
-        return generate(model, variables, input_ids, attention_mask, max_new_tokens=cfg.eval.max_new_tokens)
+        return generate(model, variables, input_ids, attention_mask, max_new_tokens=cfg.eval.max_new_tokens,
+                        num_beams=cfg.eval.num_beams, length_penalty=cfg.eval.length_penalty)
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)

@@ -66,6 +66,8 @@ def test_bad_types_and_ranges():
         config_from_dict({"federated": {"rounds": 0}})
     with pytest.raises(ConfigError, match="clients_per_round .* exceeds"):
         config_from_dict({"federated": {"num_clients": 2, "clients_per_round": 3}})
+    with pytest.raises(ConfigError, match="eval.num_beams must be positive"):
+        config_from_dict({"eval": {"num_beams": 0}})
     with pytest.raises(ConfigError, match="energy.watts"):
         config_from_dict({"energy": {"backend": "constant"}})
     with pytest.raises(ConfigError, match="lora.target_modules"):

@@ -104,5 +104,7 @@ def test_known_closed_forms():
     assert train_step_flops(c, b, s, t).total == 3 * (encoder + decoder + 2 * b * t * d * v)
     causal = generation_flops(c, b, s, 16)
     assert generation_flops(c, b, s, 16, attend_full_cache=True) > causal > encode_flops(c, b, s)
+    # Beam search: the encoder once per row, everything else on num_beams times the rows.
+    assert generation_flops(c, b, s, 16, num_beams=3) - encode_flops(c, b, s) == 3 * (causal - encode_flops(c, b, s))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         forward_flops(c, 0, s, t)

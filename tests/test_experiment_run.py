@@ -215,6 +215,27 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
         ).logits.numpy()
     np.testing.assert_allclose(via_peft, ours, atol=2e-4, rtol=2e-4)
 
+    # eval.num_beams / eval.length_penalty reach the evaluator's generation: its tokens
+    # are transformers' beam search on the exported model.
+    import dataclasses
+
+    class OneBatch:
+        def eval_batches(self, batch_size, max_examples):
+            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                   "example_weight": np.ones((1,), np.float32), "references": ["see you"]}
+
+    beam_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_beams=3, length_penalty=0.5,
+                                                                 max_new_tokens=6))
+    evaluator = setup.build_evaluator(beam_cfg, model, tokenizer, OneBatch())
+    generated = np.asarray(evaluator._generate(final, enc["input_ids"], enc["attention_mask"]))
+    with torch.no_grad():
+        hf_beams = hf.generate(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]),
+                               do_sample=False, num_beams=3, length_penalty=0.5, max_new_tokens=6).numpy()[0, 1:]
+    stop = int(np.argmax(hf_beams == 1)) + 1 if (hf_beams == 1).any() else len(hf_beams)
+    assert generated.shape == (1, 6)
+    np.testing.assert_array_equal(generated[0, :stop], hf_beams[:stop])
+    assert (generated[0, stop:] == model.config.pad_token_id).all()
+
 
 def test_report_overlays_runs(reference_run, tiny_config, tmp_path):
     from fedjax_fm.report import add_report_command

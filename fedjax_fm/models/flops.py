@@ -198,20 +198,25 @@ def encode_flops(config: T5Config, batch_size: int, source_len: int, lora: LoraC
 
 
 def generation_flops(config: T5Config, batch_size: int, source_len: int, max_new_tokens: int,
-                     lora: LoraConfig | None = None, attend_full_cache: bool = False) -> int:
-    """Matmul FLOPs of greedy generation of ``max_new_tokens`` tokens with a key/value cache.
+                     lora: LoraConfig | None = None, attend_full_cache: bool = False, num_beams: int = 1) -> int:
+    """Matmul FLOPs of generating ``max_new_tokens`` tokens with a key/value cache:
+    greedy (``num_beams=1``) or beam search, whose decoder runs on ``batch_size *
+    num_beams`` rows (``fedjax_fm.models.generate``; the encoder runs on
+    ``batch_size``, the cross-attention keys/values are projected for every beam).
 
     Counts every step (no early stop). ``attend_full_cache=False`` counts the t + 1
     keys a causal step needs; ``True`` the whole static cache a fixed-shape
     implementation multiplies by (masked), i.e. the work the hardware does.
     """
-    _check_shape_args(batch_size=batch_size, source_len=source_len, max_new_tokens=max_new_tokens)
+    _check_shape_args(batch_size=batch_size, source_len=source_len, max_new_tokens=max_new_tokens,
+                      num_beams=num_beams)
+    rows = batch_size * num_beams
     counter = _Counter(training=False, lora=lora)
     for _ in range(config.num_decoder_layers):  # cross-attention keys/values, once
-        counter.dense(batch_size * source_len, config.d_model, config.inner_dim, "k", False)
-        counter.dense(batch_size * source_len, config.d_model, config.inner_dim, "v", False)
+        counter.dense(rows * source_len, config.d_model, config.inner_dim, "k", False)
+        counter.dense(rows * source_len, config.d_model, config.inner_dim, "v", False)
     steps = sum(
-        decode_step_flops(config, batch_size, source_len, max_new_tokens if attend_full_cache else t + 1, lora)
+        decode_step_flops(config, rows, source_len, max_new_tokens if attend_full_cache else t + 1, lora)
         for t in range(max_new_tokens)
     )
     return encode_flops(config, batch_size, source_len, lora) + counter.forward + steps
