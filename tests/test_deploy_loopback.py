@@ -41,7 +41,7 @@ pytest.importorskip("flwr")
 REPO = Path(__file__).resolve().parents[1]
 
 CLIENTS = ("alice", "bob", "carol")
-SIZES = {"alice": 5, "bob": 7, "carol": 6}
+SIZES = {"alice": 5, "bob": 7, "carol": 6, "dave": 4}  # dave: the fault test's fourth device
 RUN_TIMEOUT_S = 240  # one `fedjax-fm deploy run`, start to end
 
 CONFIG = """\
@@ -76,13 +76,13 @@ def _examples(client: str, n: int) -> list[dict]:
              "summary": f"{client} item {i * 7 % 5}"} for i in range(n)]
 
 
-def _write_world(tmp: Path, rounds: int) -> tuple[Path, dict[str, Path]]:
+def _write_world(tmp: Path, rounds: int, clients: tuple[str, ...] = CLIENTS) -> tuple[Path, dict[str, Path]]:
     """The config, the pooled client folder (simulation) and one folder per device."""
     from fedjax_fm.data.local_files import write_jsonl
 
     pooled = tmp / "clients"
     devices = {}
-    for client in CLIENTS:
+    for client in clients:
         write_jsonl(pooled / f"{client}.jsonl", _examples(client, SIZES[client]))
         devices[client] = tmp / "devices" / client
         devices[client].mkdir(parents=True)
@@ -429,27 +429,36 @@ def test_loopback_equals_simulation_and_resumes(federation):
     assert summary["rejected_devices"] == [{"node_id": str(mallet), "claimed": "alice"}]
 
 
-def test_device_killed_and_nan_update_do_not_break_the_round(tmp_path):
-    """Round 2: carol's device (SuperNode and all) is SIGKILLed mid-training, bob sends NaN;
-    alice's update is applied; both reported.
+def test_device_killed_hung_and_nan_update_do_not_break_the_round(tmp_path):
+    """Round 2: carol's device (SuperNode and all) is SIGKILLed mid-training, dave's hangs
+    (alive, never answers: ``--round-timeout`` gives up on it), bob sends NaN; alice's
+    update is applied; all three reported.
 
     Run with full fine-tuning (``lora=null``): the whole ``params`` collection travels."""
-    config, devices = _write_world(tmp_path, rounds=2)
+    clients = (*CLIENTS, "dave")
+    config, devices = _write_world(tmp_path, rounds=2, clients=clients)
     out = tmp_path / "deployed"
-    env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"}}
+    env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"},
+           "dave": {"FEDJAX_FM_DEPLOY_HANG_AT_ROUND": "2"}}
     with Federation(tmp_path) as fed:
         _start_devices(fed, config, devices, env)
-        code, _ = fed.run(config, out, ",".join(CLIENTS), "--set", "lora=null", "--round-timeout", "60", tag="faults")
+        code, _ = fed.run(config, out, ",".join(clients), "--set", "lora=null", "--set", "federated.num_clients=4",
+                          "--set", "federated.clients_per_round=4", "--round-timeout", "60", tag="faults")
         assert code == 0, fed.logs()
         carol = fed.procs["carol"].wait(timeout=30)
+        assert fed.procs["dave"].poll() is None  # the hung device is still alive: only the round gave up on it
+        dave_log = (tmp_path / "node-dave.log").read_text(errors="replace")
     assert carol == -signal.SIGKILL  # the device really died
+    assert "fault drill, hanging in round 2" in dave_log
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
-    assert rows[0]["valid_clients"] == 3 and rows[0]["failed_clients"] == []
+    assert rows[0]["valid_clients"] == 4 and rows[0]["failed_clients"] == []
     full_bytes = 4 * sum(int(np.prod(r["shape"])) for r in _param_shapes(config))
-    assert rows[0]["bytes_up"] == 3 * full_bytes < rows[0]["bytes_up_sent"]
+    assert rows[0]["bytes_up"] == 4 * full_bytes < rows[0]["bytes_up_sent"]
     second = rows[1]
-    assert [f["client"] for f in second["failed_clients"]] == ["carol"]
+    failed = {f["client"]: f["reason"] for f in second["failed_clients"]}
+    assert sorted(failed) == ["carol", "dave"], failed
+    assert "TTL" in failed["dave"]  # Flower expired the message at --round-timeout (Message Unavailable)
     assert second["nonfinite_clients"] == ["bob"]
     assert second["clients"] == 2 and second["valid_clients"] == 1 and second["applied"] is True
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2

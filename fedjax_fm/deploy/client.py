@@ -21,8 +21,10 @@ an unmeasured figure is simply absent).
 Fault injection for tests and drills (environment variables, off by default):
 ``FEDJAX_FM_DEPLOY_CRASH_AT_ROUND=t`` SIGKILLs this process's group inside round
 ``t``'s local training -- the whole device (SuperNode, SuperExec and ClientApp) when
-``flower-supernode`` was started as a process-group leader (``setsid``); ``FEDJAX_FM_DEPLOY_NAN_AT_ROUND=t`` returns a NaN delta in
-round ``t``.
+``flower-supernode`` was started as a process-group leader (``setsid``);
+``FEDJAX_FM_DEPLOY_HANG_AT_ROUND=t`` blocks round ``t``'s training forever (a hung
+device: the server's ``--round-timeout`` must give up on it);
+``FEDJAX_FM_DEPLOY_NAN_AT_ROUND=t`` returns a NaN delta in round ``t``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_tree, pa
 
 CRASH_ENV = "FEDJAX_FM_DEPLOY_CRASH_AT_ROUND"
 NAN_ENV = "FEDJAX_FM_DEPLOY_NAN_AT_ROUND"
+HANG_ENV = "FEDJAX_FM_DEPLOY_HANG_AT_ROUND"
 
 
 def _env_round(name: str) -> int | None:
@@ -125,6 +128,11 @@ class DeviceClient(Client):
                 # SuperNode, its SuperExec and this ClientApp when flower-supernode leads its group.
                 self.log(f"device {self.client_id}: fault drill, killing process group {os.getpgrp()}")
                 os.killpg(os.getpgrp(), signal.SIGKILL)
+            if _env_round(HANG_ENV) == round_index + 1:
+                # A hung device (fault drill): alive and heartbeating, but this round never ends.
+                self.log(f"device {self.client_id}: fault drill, hanging in round {round_index + 1}")
+                while True:
+                    time.sleep(3600)
             delta, num_examples, metrics = section.block(self.update(trainable, self.frozen, batches, rng))
             host = jax.device_get({"n": num_examples, **metrics})
             section.tokens = float(host["tokens"])
