@@ -119,17 +119,21 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
                         transform=ax.transAxes, va="bottom")
         else:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title)
-        ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_round_plot(fig, ax, title, out / f"{stem}.png"))
     return written
+
+
+def _save_round_plot(fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """Titles a per-round panel (integer round ticks, light grid), saves it, closes it."""
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -205,16 +209,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{key}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        images.append(path)
+        images.append(_save_round_plot(fig, ax, title, out_dir / f"{key}.png"))
     text = ["# fedjax-fm report", "", "Runs: " + ", ".join(f"`{Path(d)}`" for d in run_dirs), ""]
     text.append(markdown_table(runs))
     text.append("")
