@@ -13,8 +13,8 @@ import sys
 
 # subcommand -> (module, registration function)
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("fedjax_fm.experiment", "add_run_command"),
-    "report": ("fedjax_fm.report", "add_report_command"),
+    "run": ("fedjax_fm.training.experiment", "add_run_command"),
+    "report": ("fedjax_fm.training.report", "add_report_command"),
     "bench": ("fedjax_fm.energy.bench", "add_bench_command"),
     "deploy": ("fedjax_fm.deploy.cli", "add_deploy_command"),
 }

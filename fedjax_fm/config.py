@@ -36,7 +36,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from fedjax_fm.data.federated import PartitionSpec, SourceSpec
+from fedjax_fm.data.federated import DataSpec
+from fedjax_fm.models.lora_config import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -73,58 +74,6 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 8:
             raise ConfigError(f"model.vocab_size must be at least 8, got {self.vocab_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSection:
-    """LoRA adapters (Hu et al. 2021); the whole section ``null`` means full fine-tuning."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q", "v")
-
-    def __post_init__(self) -> None:
-        valid = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
-        for module in self.target_modules:
-            if module not in valid:
-                raise ConfigError(_choice_message("lora.target_modules", module, valid))
-        _positive("lora.rank", self.rank)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """Where the examples come from, how they are prompted, tokenised and split over clients.
-
-    ``source`` and ``partition`` are the data package's own specs
-    (:class:`fedjax_fm.data.federated.SourceSpec` / ``PartitionSpec``; every key is
-    listed in docs/experiments.md): ``source.kind`` is ``synthetic`` (offline
-    generator), ``tfds`` (``name``, e.g. ``samsum``), ``samsum_json``, ``file`` or
-    ``client_folder``; ``partition.method`` is ``iid``, ``dirichlet_quantity``
-    (client shares ``~ Dir(alpha · 1)``), ``dirichlet_group`` or ``natural``.
-    ``prompt_template`` holds ``{dialogue}`` (or ``{input}``). Batch size and local
-    steps live in ``federated``; the evaluation batch size in ``eval``.
-    ``cache_dir``: where tokenised arrays are cached (none: tokenise every run).
-    """
-
-    source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
-    partition: PartitionSpec = dataclasses.field(default_factory=PartitionSpec)
-    prompt_template: str = "summarize: {dialogue}"
-    max_input_length: int = 512
-    max_target_length: int = 95
-    cache_dir: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _positive("data.max_input_length", self.max_input_length)
-        _positive("data.max_target_length", self.max_target_length)
-        if self.partition.alpha <= 0:
-            raise ConfigError(f"data.partition.alpha must be positive, got {self.partition.alpha}")
-        if self.source.kind == "tfds" and not self.source.name:
-            raise ConfigError("data.source.name (a TFDS builder, e.g. 'samsum') is required when data.source.kind is 'tfds'")
-        if self.source.kind in ("samsum_json", "file", "client_folder") and not self.source.path:
-            raise ConfigError(f"data.source.path is required when data.source.kind is {self.source.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,12 +233,18 @@ class OutputSection:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. ``lora: null`` is full fine-tuning."""
+    """A whole experiment. ``lora: null`` is full fine-tuning.
+
+    Sections owned by a lower package are embedded as that package's own type, so each
+    setting has one definition: ``lora`` is :class:`fedjax_fm.models.LoraConfig` (Hu et
+    al. 2021's rank, alpha, dropout, target modules), ``data`` is
+    :class:`fedjax_fm.data.DataSpec` (source, partition, prompt, truncation limits).
+    """
 
     seed: int = 0
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: Optional[LoraSection] = dataclasses.field(default_factory=LoraSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
+    lora: Optional[LoraConfig] = dataclasses.field(default_factory=LoraConfig)
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
     federated: FederatedSection = dataclasses.field(default_factory=FederatedSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     energy: EnergySection = dataclasses.field(default_factory=EnergySection)
@@ -420,8 +375,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as error:  # e.g. a check in a dataclass we do not own
-        raise ConfigError(f"{prefix or 'config'}: {error}") from error
+    except (TypeError, ValueError) as error:  # a check in a dataclass another package owns
+        message = str(error)
+        if not (prefix and message.startswith(prefix + ".")):  # the key is named already
+            message = f"{prefix or 'config'}: {message}"
+        raise ConfigError(message) from error
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:

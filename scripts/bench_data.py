@@ -55,14 +55,14 @@ def learnability(seconds: float) -> None:
     import optax
     from rouge_score import rouge_scorer
 
-    from fedjax_fm.data import DataSpec, SourceSpec, build_federated_data, synthetic_tokenizer
+    from fedjax_fm.data import DataSpec, LocalWork, SourceSpec, build_federated_data, synthetic_tokenizer
     from fedjax_fm.models import T5, batch_loss, generate, init_params, preset
 
     with _tempfile.TemporaryDirectory() as tmp:
         tokenizer = synthetic_tokenizer(tmp)
-    spec = DataSpec(source=SourceSpec(num_train=4000, num_eval=64), max_input_length=160, max_target_length=40,
-                    batch_size=32, local_steps=50, eval_batch_size=64)
-    data = build_federated_data(spec, tokenizer, seed=0, num_clients=1)
+    spec = DataSpec(source=SourceSpec(num_train=4000, num_eval=64), max_input_length=160, max_target_length=40)
+    data = build_federated_data(spec, tokenizer, seed=0, num_clients=1, local_work=LocalWork(32, steps=50),
+                                eval_batch_size=64)
     config = preset("tiny")
     model = T5(config)
     params = init_params(config, jax.random.PRNGKey(0))
@@ -122,8 +122,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from fedjax_fm.data import (
+        ClientPartitionSpec,
         DataSpec,
-        PartitionSpec,
+        LocalWork,
         SourceSpec,
         dirichlet_group_partition,
         dirichlet_quantity_partition,
@@ -168,11 +169,12 @@ def main(argv=None) -> int:
     # The runner's path: build once (tokenises again; this is what a run pays), then rounds.
     spec = DataSpec(
         source=SourceSpec(kind="synthetic", num_train=args.examples, num_eval=8, small_talk_turns=(3, 5), extra_fact_prob=1.0),
-        partition=PartitionSpec(method="iid"),
+        partition=ClientPartitionSpec(method="iid"),
         max_input_length=args.max_input_length, max_target_length=args.max_target_length,
-        batch_size=args.batch_size, local_epochs=1.0,
     )
-    build_s, data = _timed(lambda: build_federated_data(spec, tokenizer, seed=0, num_clients=args.clients))
+    work = LocalWork(args.batch_size, epochs=1.0)
+    build_s, data = _timed(lambda: build_federated_data(spec, tokenizer, seed=0, num_clients=args.clients,
+                                                        local_work=work, eval_batch_size=args.batch_size))
     rows.append(("build_federated_data (generate+tokenise+partition)", f"{build_s:.2f} s"))
     steps, c = data.steps_per_round, args.clients_per_round
     sampled = [list(range(r * c, (r + 1) * c)) for r in range(args.clients // c)]

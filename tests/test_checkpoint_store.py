@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_fm.checkpoint import CheckpointError, CheckpointStore
-from fedjax_fm.fingerprint import named_leaves, params_sha256
+from fedjax_fm.training.checkpoint import CheckpointError, CheckpointStore
+from fedjax_fm.training.fingerprint import named_leaves, params_sha256
 
 
 def _state(scale: float = 1.0):

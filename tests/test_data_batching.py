@@ -10,7 +10,7 @@ from fedjax_fm.data import (
     DataError,
     DataSpec,
     LocalWork,
-    PartitionSpec,
+    ClientPartitionSpec,
     SourceSpec,
     TextExamples,
     build_federated_data,
@@ -67,11 +67,11 @@ def test_prompt_template_placeholders():
 def _federated(local_steps=None, local_epochs=1.0, method="iid", num_clients=4, **source):
     spec = DataSpec(
         source=SourceSpec(num_train=source.pop("num_train", 60), num_eval=source.pop("num_eval", 7), **source),
-        partition=PartitionSpec(method=method, alpha=2.0, group_field="intent"),
-        max_input_length=64, max_target_length=32, batch_size=4, local_steps=local_steps, local_epochs=local_epochs,
-        eval_batch_size=3,
+        partition=ClientPartitionSpec(method=method, alpha=2.0, group_field="intent"),
+        max_input_length=64, max_target_length=32,
     )
-    return build_federated_data(spec, TOKENIZER, seed=0, num_clients=num_clients)
+    work = LocalWork(4, steps=local_steps, epochs=None if local_steps is not None else local_epochs)
+    return build_federated_data(spec, TOKENIZER, seed=0, num_clients=num_clients, local_work=work, eval_batch_size=3)
 
 
 def test_round_batches_static_shapes_for_every_client_and_round():
@@ -148,18 +148,23 @@ def test_token_cache_round_trip(tmp_path):
 
 
 def test_spec_from_dict_and_partition_report():
-    spec = DataSpec.from_dict({
+    # The data spec is the config's `data:` section: the config's loader builds and checks it.
+    from fedjax_fm.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"data": {
         "source": {"kind": "synthetic", "num_train": 40, "num_eval": 4, "small_talk_turns": [0, 1]},
         "partition": {"method": "dirichlet_group", "group_field": "intent", "alpha": 100.0},
-        "batch_size": 2, "local_steps": 2, "max_input_length": 32, "max_target_length": 16,
-    })
+        "max_input_length": 32, "max_target_length": 16,
+    }})
+    spec = cfg.data
     assert spec.source.small_talk_turns == (0, 1)
-    data = build_federated_data(spec, TOKENIZER, seed=3, num_clients=3)
+    data = build_federated_data(spec, TOKENIZER, seed=3, num_clients=3, local_work=LocalWork(2, steps=2),
+                                eval_batch_size=2)
     report = data.report()
     assert report["partition"]["num_examples"] == 40 and report["steps_per_round"] == 2
     assert report["truncation"]["train"]["inputs_truncated"] > 0  # 32 bytes is short: counted, not hidden
-    with pytest.raises(DataError, match=r"unknown key\(s\) \['batchsize'\]"):
-        DataSpec.from_dict({"batchsize": 2})
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.batchsize'"):
+        config_from_dict({"data": {"batchsize": 2}})
 
 
 def test_prefetched_rounds_equal_direct_rounds():
@@ -177,12 +182,13 @@ def test_prefetched_rounds_equal_direct_rounds():
 
 def test_content_skew_by_length_bucket():
     spec = DataSpec(source=SourceSpec(num_train=80, num_eval=2),
-                    partition=PartitionSpec(method="dirichlet_group", group_field="length_bucket", alpha=0.1,
+                    partition=ClientPartitionSpec(method="dirichlet_group", group_field="length_bucket", alpha=0.1,
                                             num_length_buckets=4, drop_small_clients=True),
-                    max_input_length=400, max_target_length=16, local_steps=1)
+                    max_input_length=400, max_target_length=16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small alpha may drop an empty client; that is allowed here
-        data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=4)
+        data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=4, local_work=LocalWork(8, steps=1),
+                                    eval_batch_size=8)
     groups = data.report()["partition"]["group_counts"]
     assert set().union(*(g.keys() for g in groups.values())) <= {f"len_q{q}" for q in range(4)}
     assert sum(sum(g.values()) for g in groups.values()) + sum(data.partition.dropped.values()) == 80

@@ -6,9 +6,10 @@ import pytest
 from transformers import ByT5Tokenizer
 
 from fedjax_fm.data import (
+    LocalWork,
     DataError,
     DataSpec,
-    PartitionSpec,
+    ClientPartitionSpec,
     SourceSpec,
     TextExamples,
     build_federated_data,
@@ -16,6 +17,8 @@ from fedjax_fm.data import (
     read_examples,
     tokenize_examples,
 )
+
+WORK = LocalWork(8, epochs=1.0)  # the data layer's local work (the config's federated section)
 
 
 def test_missing_path(tmp_path):
@@ -26,7 +29,7 @@ def test_missing_path(tmp_path):
         read_client_folder(tmp_path / "no_clients")
     spec = DataSpec(source=SourceSpec(kind="samsum_json", path=str(tmp_path)))
     with pytest.raises(DataError, match="train.json: no such file"):
-        build_federated_data(spec, ByT5Tokenizer(), seed=0, num_clients=2)
+        build_federated_data(spec, ByT5Tokenizer(), seed=0, num_clients=2, local_work=WORK, eval_batch_size=8)
 
 
 def test_malformed_json_line_reports_its_line_number(tmp_path):
@@ -86,19 +89,21 @@ def test_unknown_format_and_bad_spec(tmp_path):
     (tmp_path / "data.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match="unknown file format"):
         read_examples(tmp_path / "data.parquet")
-    with pytest.raises(DataError, match=r"data\.partition: unknown key\(s\) \['alfa'\]"):
-        DataSpec.from_dict({"partition": {"alfa": 0.1}})
+    from fedjax_fm.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.partition\.alfa'"):
+        config_from_dict({"data": {"partition": {"alfa": 0.1}}})
     with pytest.raises(DataError, match="needs group_field"):
         build_federated_data(DataSpec(source=SourceSpec(num_train=20, num_eval=2),
-                                      partition=PartitionSpec(method="dirichlet_group")),
-                             ByT5Tokenizer(), seed=0, num_clients=2)
+                                      partition=ClientPartitionSpec(method="dirichlet_group")),
+                             ByT5Tokenizer(), seed=0, num_clients=2, local_work=WORK, eval_batch_size=8)
 
 
 def test_clients_below_minimum_are_an_error_by_default():
-    spec = DataSpec(source=SourceSpec(num_train=30, num_eval=2), partition=PartitionSpec(min_examples=8),
+    spec = DataSpec(source=SourceSpec(num_train=30, num_eval=2), partition=ClientPartitionSpec(min_examples=8),
                     max_input_length=32, max_target_length=16)
     with pytest.raises(DataError, match="fewer than 8 examples"):
-        build_federated_data(spec, ByT5Tokenizer(), seed=0, num_clients=5)
+        build_federated_data(spec, ByT5Tokenizer(), seed=0, num_clients=5, local_work=WORK, eval_batch_size=8)
 
 
 def test_tokenizer_with_other_special_ids_is_rejected():

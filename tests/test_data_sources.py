@@ -9,9 +9,10 @@ import pytest
 from transformers import ByT5Tokenizer
 
 from fedjax_fm.data import (
+    LocalWork,
     DataError,
     DataSpec,
-    PartitionSpec,
+    ClientPartitionSpec,
     SourceSpec,
     build_federated_data,
     read_client_folder,
@@ -77,9 +78,9 @@ def test_client_folder_gives_a_natural_partition(tmp_path):
     assert ex.columns["client"] == ["jetson_1"] * 2 + ["phone_a"] * 3 + ["phone_b"] * 5
     spec = DataSpec(
         source=SourceSpec(kind="client_folder", path=str(tmp_path / "clients"), eval_path=str(tmp_path / "eval.jsonl")),
-        partition=PartitionSpec(method="natural"), max_input_length=48, max_target_length=8, batch_size=2,
+        partition=ClientPartitionSpec(method="natural"), max_input_length=48, max_target_length=8,
     )
-    data = build_federated_data(spec, TOKENIZER, seed=0)
+    data = build_federated_data(spec, TOKENIZER, seed=0, local_work=LocalWork(2, epochs=1.0), eval_batch_size=2)
     assert data.client_ids == ["jetson_1", "phone_a", "phone_b"]
     assert [data.num_examples(c) for c in data.client_ids] == [2, 3, 5]
     assert data.steps_per_round == 3  # ceil(5 / 2) for one epoch of the largest client
@@ -89,16 +90,17 @@ def test_client_folder_gives_a_natural_partition(tmp_path):
     # Without an eval file, a seeded fraction is held out instead.
     held = build_federated_data(
         DataSpec(source=SourceSpec(kind="client_folder", path=str(tmp_path / "clients"), eval_fraction=0.2),
-                 partition=PartitionSpec(method="natural"), max_input_length=48, max_target_length=8, batch_size=2),
-        TOKENIZER, seed=0)
+                 partition=ClientPartitionSpec(method="natural"), max_input_length=48, max_target_length=8),
+        TOKENIZER, seed=0, local_work=LocalWork(2, epochs=1.0), eval_batch_size=2)
     assert len(held.eval_tokens) == 2 and sum(held.num_examples(c) for c in held.client_ids) == 8
 
 
 def test_samsum_json_source_builds(tmp_path):
     samsum = _write_samsum_dir(tmp_path / "samsum")
     spec = DataSpec(source=SourceSpec(kind="samsum_json", path=str(samsum), eval_split="test"),
-                    max_input_length=64, max_target_length=16, batch_size=2, local_steps=1)
-    data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=3)
+                    max_input_length=64, max_target_length=16)
+    data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=3, local_work=LocalWork(2, steps=1),
+                                eval_batch_size=2)
     assert sum(data.num_examples(c) for c in range(3)) == 12 and len(data.eval_tokens) == 3
 
 
@@ -113,9 +115,10 @@ def test_tfds_samsum_end_to_end_from_a_manual_dir(tmp_path, monkeypatch):
     spec = DataSpec(
         source=SourceSpec(kind="tfds", name="samsum", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
                           eval_split="test"),
-        max_input_length=96, max_target_length=32, batch_size=2, local_steps=2,
+        max_input_length=96, max_target_length=32,
     )
-    data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=2)
+    data = build_federated_data(spec, TOKENIZER, seed=0, num_clients=2, local_work=LocalWork(2, steps=2),
+                                eval_batch_size=2)
     assert (tmp_path / "tfds" / "samsum" / "1.0.0").is_dir()
     assert sum(data.num_examples(c) for c in range(2)) == 12
     refs = [r for b in data.eval_batches() for r, w in zip(b["references"], b["example_weight"]) if w]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedjax_fm import run_setup as setup
+from fedjax_fm.training import builders as setup
 from fedjax_fm.config import ConfigError, load_config
 from fedjax_fm.deploy.assemble import check_deployable
 from fedjax_fm.deploy.device_data import DeviceData

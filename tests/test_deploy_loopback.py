@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLIENTS = ("alice", "bob", "carol")
 SIZES = {"alice": 5, "bob": 7, "carol": 6, "dave": 4}  # dave: the fault test's fourth device
 RUN_TIMEOUT_S = 240  # one `fedjax-fm deploy run`, start to end
+DRILL_APP = Path(__file__).resolve().parent / "drill_app"  # fault drills: a test-only ClientApp
 
 CONFIG = """\
 seed: 3
@@ -238,7 +239,7 @@ class Federation:
 def _simulate(config: Path, rounds: int):
     """The simulation's server state after ``rounds`` rounds (the same pieces as ``fedjax-fm run``)."""
     from fedjax_fm import fl
-    from fedjax_fm import run_setup as setup
+    from fedjax_fm.training import builders as setup
     from fedjax_fm.config import load_config
 
     cfg = load_config(config)
@@ -257,9 +258,9 @@ def _simulate(config: Path, rounds: int):
 
 def _param_shapes(config: Path) -> list[dict]:
     """Shapes of the tiny model's base parameters (what full fine-tuning sends)."""
-    from fedjax_fm import run_setup as setup
+    from fedjax_fm.training import builders as setup
     from fedjax_fm.config import load_config
-    from fedjax_fm.fingerprint import named_leaves
+    from fedjax_fm.training.fingerprint import named_leaves
 
     cfg = load_config(config, ["lora=null"])
     _, variables = setup.build_model(cfg, None)
@@ -267,7 +268,7 @@ def _param_shapes(config: Path) -> list[dict]:
 
 
 def _restore(out: Path, template):
-    from fedjax_fm.checkpoint import CheckpointStore
+    from fedjax_fm.training.checkpoint import CheckpointStore
 
     store = CheckpointStore(out / "checkpoints")
     try:
@@ -438,12 +439,13 @@ def test_device_killed_hung_and_nan_update_do_not_break_the_round(tmp_path):
     clients = (*CLIENTS, "dave")
     config, devices = _write_world(tmp_path, rounds=2, clients=clients)
     out = tmp_path / "deployed"
-    env = {"carol": {"FEDJAX_FM_DEPLOY_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DEPLOY_NAN_AT_ROUND": "2"},
-           "dave": {"FEDJAX_FM_DEPLOY_HANG_AT_ROUND": "2"}}
+    env = {"carol": {"FEDJAX_FM_DRILL_CRASH_AT_ROUND": "2"}, "bob": {"FEDJAX_FM_DRILL_NAN_AT_ROUND": "2"},
+           "dave": {"FEDJAX_FM_DRILL_HANG_AT_ROUND": "2"}}
     with Federation(tmp_path) as fed:
         _start_devices(fed, config, devices, env)
         code, _ = fed.run(config, out, ",".join(clients), "--set", "lora=null", "--set", "federated.num_clients=4",
-                          "--set", "federated.clients_per_round=4", "--round-timeout", "60", tag="faults")
+                          "--set", "federated.clients_per_round=4", "--round-timeout", "60",
+                          "--app", str(DRILL_APP), tag="faults")
         assert code == 0, fed.logs()
         carol = fed.procs["carol"].wait(timeout=30)
         assert fed.procs["dave"].poll() is None  # the hung device is still alive: only the round gave up on it

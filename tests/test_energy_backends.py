@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedjax_fm.energy import backend as backend_lib
-from fedjax_fm.energy.backend import ConstantBackend, PowerBackendUnavailable, detect_backend, make_backend
+from fedjax_fm.energy import base as backend_lib
+from fedjax_fm.energy.base import ConstantBackend, PowerBackendUnavailable
+from fedjax_fm.energy.detect import detect_backend, make_backend
 from fedjax_fm.energy.jetson import JetsonBackend
 from fedjax_fm.energy.nvml import NvmlBackend
 from fedjax_fm.energy.rapl import RaplBackend

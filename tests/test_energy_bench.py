@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from fedjax_fm.cli import main
-from fedjax_fm.energy.backend import NoneBackend
+from fedjax_fm.energy.base import NoneBackend
 from fedjax_fm.energy.bench import run_step_benchmark
 
 

@@ -12,8 +12,9 @@ from fedjax_fm.energy.comm import (
     load_network_profiles,
     network_profile,
     round_comm_cost,
-    tree_nbytes,
+
 )
+from fedjax_fm.fl import tree_nbytes
 
 
 def test_tree_nbytes_is_the_sum_of_leaf_sizes():

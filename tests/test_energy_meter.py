@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fedjax_fm.energy.backend import ConstantBackend, NoneBackend, PowerSample
+from fedjax_fm.energy.base import ConstantBackend, NoneBackend, PowerSample
 from fedjax_fm.energy.jetson import JetsonBackend
 from fedjax_fm.energy.meter import Meter, make_record, sum_records
 from fedjax_fm.energy.sampler import PowerSampler, counter_deltas, integrate_trapezoid

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from fedjax_fm.experiment import resume_mismatches
-from fedjax_fm.progress import ProgressPrinter, TensorBoardWriter
+from fedjax_fm.training.record import resume_mismatches
+from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 
 
 def test_progress_line_shows_round_loss_rouge_energy_and_eta():

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_fm.experiment import METRIC_FIELDS, RunError, run_experiment
+from fedjax_fm.training.experiment import run_experiment
+from fedjax_fm.training.record import METRIC_FIELDS, RunError
 from fedjax_fm.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,9 +172,9 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     out, _ = reference_run
-    from fedjax_fm.checkpoint import CheckpointStore
+    from fedjax_fm.training.checkpoint import CheckpointStore
     from fedjax_fm.config import load_config as load
-    from fedjax_fm import run_setup as setup
+    from fedjax_fm.training import builders as setup
     from fedjax_fm.models.t5 import T5
     from fedjax_fm.models.lora import merge_lora
 
@@ -200,7 +201,7 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
         ).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=2e-4)
     # The merged model alone (no adapters) gives the same logits too.
-    merged = {"params": merge_lora(final["params"], final["lora"], setup.lora_config(cfg))}
+    merged = {"params": merge_lora(final["params"], final["lora"], cfg.lora)}
     plain = np.asarray(T5(model.config).apply(merged, enc["input_ids"], enc["attention_mask"], dec, np.ones_like(dec)))
     np.testing.assert_allclose(plain, ours, atol=2e-4, rtol=2e-4)
     # The PEFT adapter on the exported base gives them as well.
@@ -238,7 +239,7 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
 
 
 def test_report_overlays_runs(reference_run, tiny_config, tmp_path):
-    from fedjax_fm.report import add_report_command
+    from fedjax_fm.training.report import add_report_command
     import argparse
 
     out, _ = reference_run

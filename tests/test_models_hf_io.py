@@ -293,7 +293,7 @@ def test_missing_config(copy_of):
 def test_invalid_json_config(copy_of):
     directory = copy_of()
     (directory / "config.json").write_text("{not json")
-    with pytest.raises(hf_io.CheckpointError, match="config.json' is not valid JSON"):
+    with pytest.raises(hf_io.HFCheckpointError, match="config.json' is not valid JSON"):
         hf_io.from_pretrained(directory)
 
 
@@ -307,21 +307,21 @@ def test_missing_weights_names_pytorch_bin(copy_of):
 def test_other_architecture(copy_of):
     directory = copy_of()
     _edit_config(directory, model_type="bart", architectures=["BartForConditionalGeneration"])
-    with pytest.raises(hf_io.CheckpointError, match=r"config\.json' describes model_type='bart'.*not a T5 model"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"config\.json' describes model_type='bart'.*not a T5 model"):
         hf_io.from_pretrained(directory)
 
 
 def test_unsupported_feed_forward(copy_of):
     directory = copy_of()
     _edit_config(directory, feed_forward_proj="gated-silu")
-    with pytest.raises(hf_io.CheckpointError, match=r"config\.json'.*gated-silu.*not supported"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"config\.json'.*gated-silu.*not supported"):
         hf_io.from_pretrained(directory)
 
 
 def test_shape_mismatch_names_tensor_file_and_shapes(copy_of):
     directory = copy_of()
     _edit_config(directory, d_ff=20)
-    with pytest.raises(hf_io.CheckpointError) as err:
+    with pytest.raises(hf_io.HFCheckpointError) as err:
         hf_io.from_pretrained(directory)
     message = str(err.value)
     assert "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in message
@@ -332,28 +332,28 @@ def test_shape_mismatch_names_tensor_file_and_shapes(copy_of):
 def test_missing_tensor(copy_of):
     directory = copy_of()
     _edit_tensors(directory, lambda t: t.pop("decoder.block.2.layer.1.EncDecAttention.v.weight"))
-    with pytest.raises(hf_io.CheckpointError, match=r"missing tensor 'decoder\.block\.2\.layer\.1\.EncDecAttention\.v\.weight'"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"missing tensor 'decoder\.block\.2\.layer\.1\.EncDecAttention\.v\.weight'"):
         hf_io.from_pretrained(directory)
 
 
 def test_unexpected_tensor(copy_of):
     directory = copy_of()
     _edit_tensors(directory, lambda t: t.update({"encoder.block.2.layer.0.SelfAttention.q.weight": np.zeros((16, 16), np.float32)}))
-    with pytest.raises(hf_io.CheckpointError, match=r"unexpected tensor 'encoder\.block\.2\.layer\.0\.SelfAttention\.q\.weight'.*model\.safetensors"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"unexpected tensor 'encoder\.block\.2\.layer\.0\.SelfAttention\.q\.weight'.*model\.safetensors"):
         hf_io.from_pretrained(directory)
 
 
 def test_tied_config_with_different_lm_head(copy_of):
     directory = copy_of("relu_tied")
     _edit_tensors(directory, lambda t: t.update({"lm_head.weight": np.ones((VOCAB, 16), np.float32)}))
-    with pytest.raises(hf_io.CheckpointError, match=r"'lm_head\.weight' in '.*model\.safetensors' differs from 'shared\.weight'"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"'lm_head\.weight' in '.*model\.safetensors' differs from 'shared\.weight'"):
         hf_io.from_pretrained(directory)
 
 
 def test_embed_tokens_differing_from_shared(copy_of):
     directory = copy_of()
     _edit_tensors(directory, lambda t: t.update({"encoder.embed_tokens.weight": np.ones((VOCAB, 16), np.float32)}))
-    with pytest.raises(hf_io.CheckpointError, match=r"'encoder\.embed_tokens\.weight'.*differs from 'shared\.weight'"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"'encoder\.embed_tokens\.weight'.*differs from 'shared\.weight'"):
         hf_io.from_pretrained(directory)
 
 
@@ -362,7 +362,7 @@ def test_truncated_safetensors(copy_of, keep_bytes):
     directory = copy_of()
     path = directory / "model.safetensors"
     path.write_bytes(path.read_bytes()[:keep_bytes])
-    with pytest.raises(hf_io.CheckpointError, match=f"'{path}' is not a readable safetensors file.*truncated or corrupt"):
+    with pytest.raises(hf_io.HFCheckpointError, match=f"'{path}' is not a readable safetensors file.*truncated or corrupt"):
         hf_io.from_pretrained(directory)
 
 
@@ -371,7 +371,7 @@ def test_load_safetensors_checked_errors(tmp_path):
         hf_io.load_safetensors_checked(tmp_path / "absent.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a safetensors file at all")
-    with pytest.raises(hf_io.CheckpointError, match="garbage.safetensors' is not a readable safetensors file"):
+    with pytest.raises(hf_io.HFCheckpointError, match="garbage.safetensors' is not a readable safetensors file"):
         hf_io.load_safetensors_checked(garbage)
 
 
@@ -393,10 +393,10 @@ def test_bad_index(hf_checkpoints, tmp_path):
     index = json.loads(index_path.read_text())
     index["weight_map"]["decoder.block.9.layer.0.layer_norm.weight"] = next(iter(index["weight_map"].values()))
     index_path.write_text(json.dumps(index))
-    with pytest.raises(hf_io.CheckpointError, match=r"index\.json' lists tensor\(s\) \['decoder\.block\.9\.layer\.0\.layer_norm\.weight'\]"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"index\.json' lists tensor\(s\) \['decoder\.block\.9\.layer\.0\.layer_norm\.weight'\]"):
         hf_io.from_pretrained(tmp_path / "s")
     index_path.write_text("[]")
-    with pytest.raises(hf_io.CheckpointError, match=r"index\.json' is not a valid safetensors index"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"index\.json' is not a valid safetensors index"):
         hf_io.from_pretrained(tmp_path / "s")
 
 
@@ -412,9 +412,9 @@ def test_tokenizer_larger_than_vocab_is_refused(hf_checkpoints, tmp_path):
 
 
 def test_preset_name_is_not_a_checkpoint():
-    with pytest.raises(hf_io.CheckpointError, match=r"'tiny' is a preset name.*init_params"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"'tiny' is a preset name.*init_params"):
         hf_io.from_pretrained("tiny")
-    with pytest.raises(hf_io.CheckpointError, match="google/flan-t5-small"):
+    with pytest.raises(hf_io.HFCheckpointError, match="google/flan-t5-small"):
         hf_io.from_pretrained("flan-t5-small")
 
 
@@ -449,16 +449,16 @@ def test_export_rejects_bad_params(hf_checkpoints):
     directory, _ = hf_checkpoints["relu_tied"]
     config = hf_io.read_config(directory)
     params = hf_io.load_params(directory, config)
-    with pytest.raises(hf_io.CheckpointError, match="'lora' collection"):
+    with pytest.raises(hf_io.HFCheckpointError, match="'lora' collection"):
         hf_io.hf_state_dict_from_params({"params": params, "lora": {}}, config)
     del params["decoder"]["final_layer_norm"]
     params["extra"] = {"kernel": np.zeros(3)}
-    with pytest.raises(hf_io.CheckpointError) as err:
+    with pytest.raises(hf_io.HFCheckpointError) as err:
         hf_io.hf_state_dict_from_params(params, config)
     assert "missing param 'decoder/final_layer_norm/scale'" in str(err.value)
     assert "unexpected param 'extra/kernel'" in str(err.value)
     wrong = hf_io.load_params(directory, config)
-    with pytest.raises(hf_io.CheckpointError, match=r"param 'shared/embedding' has shape \(64, 16\), expected \(65, 16\)"):
+    with pytest.raises(hf_io.HFCheckpointError, match=r"param 'shared/embedding' has shape \(64, 16\), expected \(65, 16\)"):
         hf_io.hf_state_dict_from_params(wrong, config.replace(vocab_size=65))
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedjax_fm.report import markdown_table, plot_run, read_metrics, write_report
+from fedjax_fm.training.report import markdown_table, plot_run, read_metrics, write_report
 
 
 def _write_run(directory, rouge_gain: float, joules: bool):

@@ -6,9 +6,9 @@ the pieces it composes are public too (see ``docs/data.md``).
 
 from fedjax_fm.data.batching import LocalWork, eval_batches, gather_batches, real_examples_per_round, round_slots
 from fedjax_fm.data.federated import (
+    ClientPartitionSpec,
     DataSpec,
     FederatedData,
-    PartitionSpec,
     SourceSpec,
     build_federated_data,
     load_source,
@@ -39,7 +39,7 @@ from fedjax_fm.data.tokenize import (
 )
 
 __all__ = [
-    "DEFAULT_PROMPT", "DataError", "DataSpec", "FederatedData", "LocalWork", "Partition", "PartitionSpec",
+    "DEFAULT_PROMPT", "DataError", "DataSpec", "FederatedData", "LocalWork", "Partition", "ClientPartitionSpec",
     "SourceSpec", "TFDS_FIELDS", "TextExamples", "TokenizedExamples", "TruncationReport", "build_federated_data",
     "cached_tokenize", "dirichlet_group_partition", "dirichlet_quantity_partition", "enforce_min_examples",
     "eval_batches", "format_prompts", "gather_batches", "iid_partition", "length_buckets", "load_source",

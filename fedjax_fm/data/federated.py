@@ -1,13 +1,13 @@
 """The runner's entry point: a data spec -> tokenised, partitioned, batch-ready client data.
 
-``build_federated_data(spec, tokenizer, seed=..., num_clients=...)`` loads the source,
+``build_federated_data(spec, tokenizer, seed=..., num_clients=..., local_work=...)`` loads the source,
 tokenises train and eval splits once (optionally cached on disk), partitions the train
 split, checks client sizes, and returns a :class:`FederatedData` whose
 ``client_round_batches(client, round)`` is a numpy gather of ``[steps, B, L]`` arrays.
 
 The spec is three small dataclasses (``DataSpec`` holding a ``SourceSpec`` and a
-``PartitionSpec``) that map one-to-one onto a YAML block; ``DataSpec.from_dict`` checks
-the keys and names any unknown one.
+``ClientPartitionSpec``): the ``data:`` block of an experiment config, which validates
+their keys (:mod:`fedjax_fm.config`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class SourceSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class PartitionSpec:
+class ClientPartitionSpec:
     """How train examples are split over clients.
 
     ``group_field`` names the column for ``dirichlet_group`` (``"length_bucket"`` groups by
@@ -91,43 +91,35 @@ class PartitionSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Everything the data pipeline needs besides the tokenizer, seed and client count."""
+    """The ``data:`` section of an experiment: where examples come from, how they are
+    prompted, truncated and split over clients.
+
+    The experiment config (:class:`fedjax_fm.config.ExperimentConfig`) embeds this class,
+    so these defaults *are* the config's and there is one definition of each setting.
+    How much local work a client does per round (batch size, local steps or epochs) is
+    the ``federated`` section's and reaches the data as a :class:`~fedjax_fm.data.batching.LocalWork`;
+    the evaluation batch size is the ``eval`` section's.
+    ``cache_dir``: where tokenised arrays are cached (none: tokenise every run).
+    """
 
     source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
-    partition: PartitionSpec = dataclasses.field(default_factory=PartitionSpec)
+    partition: ClientPartitionSpec = dataclasses.field(default_factory=ClientPartitionSpec)
     prompt_template: str = DEFAULT_PROMPT
     max_input_length: int = 512
-    max_target_length: int = 128
-    batch_size: int = 8
-    local_steps: int | None = None
-    local_epochs: float | None = 1.0
-    eval_batch_size: int | None = None
+    max_target_length: int = 95
     cache_dir: str | None = None
 
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "DataSpec":
-        """Build from a plain mapping (e.g. a YAML ``data:`` block); unknown keys are errors.
-
-        ``local_steps``, when set, takes precedence over ``local_epochs`` (default 1 epoch).
-        """
-        config = dict(config)
-        source = _dataclass_from_dict(SourceSpec, config.pop("source", {}), "data.source")
-        part = _dataclass_from_dict(PartitionSpec, config.pop("partition", {}), "data.partition")
-        return _dataclass_from_dict(cls, config, "data", source=source, partition=part)
-
-
-def _dataclass_from_dict(cls, config: dict[str, Any], where: str, **fixed):
-    if not isinstance(config, dict):
-        raise DataError(f"{where}: expected a mapping, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
-    unknown = sorted(set(config) - names)
-    if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    values = dict(config)
-    for key in ("extra_fields", "small_talk_turns"):
-        if key in values and isinstance(values[key], list):
-            values[key] = tuple(values[key])
-    return cls(**values, **fixed)
+    def __post_init__(self) -> None:
+        for key in ("max_input_length", "max_target_length"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DataError(f"data.{key} must be positive, got {value!r}")
+        if not self.partition.alpha > 0:
+            raise DataError(f"data.partition.alpha must be positive, got {self.partition.alpha}")
+        if self.source.kind == "tfds" and not self.source.name:
+            raise DataError("data.source.name (a TFDS builder, e.g. 'samsum') is required when data.source.kind is 'tfds'")
+        if self.source.kind in ("samsum_json", "file", "client_folder") and not self.source.path:
+            raise DataError(f"data.source.path is required when data.source.kind is {self.source.kind!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,7 +205,7 @@ def _hold_out(examples: TextExamples, fraction: float, *, seed: int) -> tuple[Te
     return examples.select(np.sort(order[num_eval:])), examples.select(np.sort(order[:num_eval]))
 
 
-def partition_examples(examples: TextExamples, tokens: TokenizedExamples, spec: PartitionSpec, *,
+def partition_examples(examples: TextExamples, tokens: TokenizedExamples, spec: ClientPartitionSpec, *,
                        seed: int, num_clients: int | None) -> partitioners.Partition:
     """Apply the configured partitioner, then the minimum-size rule."""
     n = len(examples)
@@ -341,14 +333,18 @@ def build_federated_data(
     tokenizer,
     *,
     seed: int,
+    local_work: batching.LocalWork,
+    eval_batch_size: int,
     num_clients: int | None = None,
 ) -> FederatedData:
     """Load, tokenise (once), partition and wrap a dataset for federated rounds.
 
     Args:
-      spec: the data spec.
+      spec: the data spec (the config's ``data:`` section).
       tokenizer: a Hugging Face tokenizer with pad id 0 and EOS id 1.
       seed: the run seed (partitioning, per-round shuffling, synthetic data).
+      local_work: batch size and local steps or epochs per round (the ``federated`` section).
+      eval_batch_size: the default batch size of :meth:`FederatedData.eval_batches` (``eval.batch_size``).
       num_clients: number of clients; for natural partitions ``None`` means all of them.
     """
     part = spec.partition
@@ -360,8 +356,6 @@ def build_federated_data(
     train_tokens, train_report = cached_tokenize(train, tokenizer, spec.cache_dir, **token_kwargs)
     eval_tokens, eval_report = cached_tokenize(evaluation, tokenizer, spec.cache_dir, **token_kwargs)
     partition = partition_examples(train, train_tokens, part, seed=seed, num_clients=num_clients)
-    local_work = batching.LocalWork(spec.batch_size, steps=spec.local_steps,
-                                    epochs=None if spec.local_steps is not None else spec.local_epochs)
     largest = max(len(i) for i in partition.client_indices)
     return FederatedData(
         client_ids=list(partition.client_ids),
@@ -372,7 +366,7 @@ def build_federated_data(
         local_work=local_work,
         steps_per_round=local_work.steps_per_round(largest),
         seed=seed,
-        eval_batch_size=spec.eval_batch_size or spec.batch_size,
+        eval_batch_size=eval_batch_size,
         truncation={"train": train_report, "eval": eval_report},
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from flwr.app import Context
 from flwr.client import Client
@@ -129,22 +130,33 @@ class NodeClient(Client):
 
     def fit(self, ins: FitIns) -> FitRes:
         from fedjax_fm.config import load_config
-        from fedjax_fm.deploy.client import DeviceClient
 
         _use_compilation_cache()
         cfg = load_config(self.config_path, _lines(ins.config.get("overrides")) + list(self.device_overrides))
-        return DeviceClient(cfg, self.data_dir, self.client_id, log=_log).fit(ins)
+        return self.device_client(cfg).fit(ins)
+
+    def device_client(self, cfg: Any) -> Any:
+        """The :class:`~fedjax_fm.deploy.client.DeviceClient` that trains this device's round."""
+        from fedjax_fm.deploy.client import DeviceClient
+
+        return DeviceClient(cfg, self.data_dir, self.client_id, log=_log)
 
 
-def _client_fn(context: Context) -> Client:
-    node_config = context.node_config
-    missing = [key for key in ("config", "data") if not str(node_config.get(key, "")).strip()]
-    if missing:
-        raise DeployAppError(f"flower-supernode was started without {missing} in its node config; start it with "
-                             f"{NODE_CONFIG_HELP}")
-    device_overrides = tuple(s.strip() for s in str(node_config.get("set", "")).split(";") if s.strip())
-    return NodeClient(str(node_config["config"]), str(node_config["data"]),
-                      str(node_config.get("client-id", "")).strip() or None, device_overrides).to_client()
+def make_client_fn(node_client: type[NodeClient] = NodeClient) -> Callable[[Context], Client]:
+    """Flower's ``client_fn``: a ``node_client`` for the device described by the node config."""
+
+    def client_fn(context: Context) -> Client:
+        node_config = context.node_config
+        missing = [key for key in ("config", "data") if not str(node_config.get(key, "")).strip()]
+        if missing:
+            raise DeployAppError(f"flower-supernode was started without {missing} in its node config; start it "
+                                 f"with {NODE_CONFIG_HELP}")
+        device_overrides = tuple(s.strip() for s in str(node_config.get("set", "")).split(";") if s.strip())
+        return node_client(str(node_config["config"]), str(node_config["data"]),
+                           str(node_config.get("client-id", "")).strip() or None, device_overrides).to_client()
+
+    return client_fn
 
 
+_client_fn = make_client_fn()  # fedjax-fm's own devices
 client_app = ClientApp(client_fn=_client_fn)

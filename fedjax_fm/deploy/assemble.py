@@ -3,7 +3,7 @@
 Both sides load the *same* YAML config. From it each builds the tokenizer, the
 model (base weights from the seed or a pretrained checkpoint, LoRA adapters from the
 seed) and the :class:`fedjax_fm.fl.FederatedAlgorithm` through
-:mod:`fedjax_fm.run_setup` -- the very functions ``fedjax-fm run`` uses -- so the
+:mod:`fedjax_fm.training.builders` -- the very functions ``fedjax-fm run`` uses -- so the
 client and server steps are the simulation's, byte for byte.
 
 Two config constraints that simulation does not have, checked here:
@@ -21,8 +21,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fedjax_fm import run_setup as setup
+from fedjax_fm import fl
 from fedjax_fm.config import ConfigError, ExperimentConfig
+from fedjax_fm.training import builders as setup
 
 
 @dataclasses.dataclass
@@ -54,8 +55,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
 
 def build_pieces(cfg: ExperimentConfig) -> DeployPieces:
     """Tokenizer, model, trainable/frozen split and algorithm of ``cfg`` (as ``fedjax-fm run`` builds them)."""
-    from fedjax_fm import fl
-
     check_deployable(cfg)
     # The out_dir is only used by train-sentencepiece, excluded above.
     tokenizer = setup.build_tokenizer(cfg, Path("."), lambda: [])

@@ -114,7 +114,8 @@ def _run_command(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "run-config.toml"
         config_file.write_text(tomli_w.dumps(run_config))
-        command = [flwr, "run", str(APP_DIR), args.superlink, "--run-config", str(config_file), "--stream"]
+        app_dir = Path(args.app).expanduser().resolve() if args.app else APP_DIR
+        command = [flwr, "run", str(app_dir), args.superlink, "--run-config", str(config_file), "--stream"]
         run_id = None
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             assert proc.stdout is not None
@@ -172,6 +173,9 @@ def add_deploy_command(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--wait", type=float, default=120.0, metavar="S",
                      help="seconds each round waits for its sampled devices to connect (default 120)")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.add_argument("--app", default=None, metavar="DIR",
+                     help="a Flower App directory to submit instead of fedjax-fm's own (e.g. one whose ClientApp "
+                          "wraps fedjax_fm.deploy.apps.NodeClient; the test suite's fault drills do)")
     run.set_defaults(func=_run_command)
 
     keygen = sub.add_parser("keygen", help="write a device's SuperNode key pair (EC P-384, OpenSSH format)",

@@ -18,19 +18,13 @@ carry the client id, loss, tokens, steps, seconds, joules, η_e, MFU, model FLOP
 the payload bytes received and sent (scalars only: Flower metrics cannot be null, so
 an unmeasured figure is simply absent).
 
-Fault injection for tests and drills (environment variables, off by default):
-``FEDJAX_FM_DEPLOY_CRASH_AT_ROUND=t`` SIGKILLs this process's group inside round
-``t``'s local training -- the whole device (SuperNode, SuperExec and ClientApp) when
-``flower-supernode`` was started as a process-group leader (``setsid``);
-``FEDJAX_FM_DEPLOY_HANG_AT_ROUND=t`` blocks round ``t``'s training forever (a hung
-device: the server's ``--round-timeout`` must give up on it);
-``FEDJAX_FM_DEPLOY_NAN_AT_ROUND=t`` returns a NaN delta in round ``t``.
+The metered local training is one method, :meth:`DeviceClient.train`, so that the
+fault drills of the tests (a device killed, hung or sending NaN) wrap it in a
+test-only ClientApp (``tests/drill_app/``) instead of living in this code.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -50,20 +44,14 @@ from flwr.common import (
     Status,
 )
 
-from fedjax_fm import run_setup as setup
+from fedjax_fm import fl
 from fedjax_fm.config import ExperimentConfig
 from fedjax_fm.deploy.assemble import build_pieces
 from fedjax_fm.deploy.device_data import DeviceData
 from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_tree, payload_bytes
-
-CRASH_ENV = "FEDJAX_FM_DEPLOY_CRASH_AT_ROUND"
-NAN_ENV = "FEDJAX_FM_DEPLOY_NAN_AT_ROUND"
-HANG_ENV = "FEDJAX_FM_DEPLOY_HANG_AT_ROUND"
-
-
-def _env_round(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
+from fedjax_fm.energy.meter import CallRecord
+from fedjax_fm.training import builders
+from fedjax_fm.training.round import count_client_work
 
 
 class DeviceClient(Client):
@@ -71,9 +59,6 @@ class DeviceClient(Client):
 
     def __init__(self, cfg: ExperimentConfig, data_dir: str, client_id: str | None = None,
                  log: Callable[[str], None] = print) -> None:
-        from fedjax_fm import fl
-        from fedjax_fm.models.flops import train_step_flops
-
         self.cfg = cfg
         self.log = log
         pieces = build_pieces(cfg)
@@ -84,10 +69,9 @@ class DeviceClient(Client):
         self.update = jax.jit(pieces.algorithm.client_update)
         self.client_rngs = jax.jit(fl.client_rngs)
         self.base_rng = jax.random.PRNGKey(cfg.seed)
-        self.energy = setup.build_energy(cfg, log)
-        shape = self.data.tokens.input_ids.shape[1], self.data.tokens.labels.shape[1]
-        self.step_flops = float(train_step_flops(pieces.model.config, cfg.federated.batch_size, *shape,
-                                                 lora=setup.lora_config(cfg)).total)
+        self.energy = builders.build_energy(cfg, log)
+        self.step_flops = builders.train_step_flops(cfg, pieces.model, self.data.tokens.input_ids.shape[1],
+                                                    self.data.tokens.labels.shape[1])
         self.compiled = False
         self.rounds_trained = 0
         log(f"device {self.client_id}: {self.data.num_examples} examples in {self.data.path}; "
@@ -122,24 +106,7 @@ class DeviceClient(Client):
             jax.block_until_ready(self.update(trainable, self.frozen, batches, rng))
             self.compiled = True
             self.log(f"device {self.client_id}: compiled the client update in {time.perf_counter() - t0:.1f} s")
-        with self.energy.meter.section("client") as section:
-            if _env_round(CRASH_ENV) == round_index + 1:
-                # A device dying mid-round (fault drill): SIGKILL the process group -- the
-                # SuperNode, its SuperExec and this ClientApp when flower-supernode leads its group.
-                self.log(f"device {self.client_id}: fault drill, killing process group {os.getpgrp()}")
-                os.killpg(os.getpgrp(), signal.SIGKILL)
-            if _env_round(HANG_ENV) == round_index + 1:
-                # A hung device (fault drill): alive and heartbeating, but this round never ends.
-                self.log(f"device {self.client_id}: fault drill, hanging in round {round_index + 1}")
-                while True:
-                    time.sleep(3600)
-            delta, num_examples, metrics = section.block(self.update(trainable, self.frozen, batches, rng))
-            host = jax.device_get({"n": num_examples, **metrics})
-            section.tokens = float(host["tokens"])
-            section.flops = self.step_flops * float(host["steps"])
-        record = section.record
-        if _env_round(NAN_ENV) == round_index + 1:
-            delta = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.asarray(x).dtype), delta)
+        delta, host, record = self.train(trainable, batches, rng, round_index)
         parameters = encode_tree(delta)
         self.rounds_trained += 1
         out: dict[str, Any] = {
@@ -154,6 +121,8 @@ class DeviceClient(Client):
             "tps": record.tps,
             "tps_per_watt": record.eta_e,
             "mfu": record.mfu,
+            "peak_flops": record.peak_flops,
+            "mean_watts": record.mean_watts,
             "model_flops": record.model_flops,
             "energy_source": self.energy.label,
             "energy_is_estimate": self.energy.is_estimate,
@@ -162,3 +131,15 @@ class DeviceClient(Client):
         }
         metrics_out = {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and not np.isfinite(v))}
         return FitRes(Status(Code.OK, "ok"), parameters, int(round(float(host["n"]))), metrics_out)
+
+    def train(self, trainable: Any, batches: dict, rng: jax.Array,
+              round_index: int) -> tuple[Any, dict[str, Any], CallRecord]:
+        """The metered local training of one round: ``(delta, host metrics, record)``.
+
+        The one place a device computes; the test suite's fault drills override it.
+        """
+        with self.energy.meter.section("client") as section:
+            delta, num_examples, metrics = section.block(self.update(trainable, self.frozen, batches, rng))
+            section.tokens, section.flops = count_client_work(metrics, self.step_flops)
+        host = jax.device_get({"n": num_examples, **metrics})
+        return delta, host, section.record

@@ -20,13 +20,14 @@ registered). Per Flower round the strategy
    keyed by path (:mod:`fedjax_fm.deploy.wire`) with its ``round_index``,
    ``position`` and the run's ``--set`` overrides;
 3. stacks the returned deltas in position order into ``fl.ClientOutputs`` and runs
-   the algorithm's jitted ``server_step`` (our aggregation: weighting by examples,
+   the algorithm's compiled ``server_step`` (our aggregation: weighting by examples,
    non-finite rejection, ``federated.min_clients``; then the configured server
-   optimiser), metered by the server's power meter;
-4. appends a row to ``DIR/metrics.jsonl`` (the simulation's fields, see
-   ``fedjax_fm.experiment.METRIC_FIELDS``, plus deployment fields) and saves an orbax
-   checkpoint of the server state (``fedjax_fm.checkpoint.CheckpointStore``), from
-   which a later run resumes (``resume=True``).
+   optimiser), metered by the server's power meter
+   (:func:`fedjax_fm.training.round.metered_server_step`, as in simulation);
+4. records the round exactly as a simulation does (:mod:`fedjax_fm.training.record`:
+   ``round_row`` from the devices' metered calls, ``RunRecorder`` for
+   ``DIR/metrics.jsonl``, orbax checkpoints, ``--resume`` and ``summary.json``), plus
+   the deployment's own fields.
 
 A device that crashes, times out (``round_timeout_s``) or fails to connect in time
 is reported in the row's ``failed_clients`` and the round goes on with the others;
@@ -39,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,40 +47,31 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import yaml
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedjax_fm import run_setup as setup
-from fedjax_fm.checkpoint import CheckpointStore
-from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
+from fedjax_fm import fl
+from fedjax_fm.config import ExperimentConfig
 from fedjax_fm.deploy.assemble import build_pieces
 from fedjax_fm.deploy.binding import assign_devices
 from fedjax_fm.deploy.wire import WireError, decode_tree, encode_tree, payload_bytes
-from fedjax_fm.experiment import METRIC_FIELDS, RunError, resume_mismatches
-from fedjax_fm.fingerprint import params_sha256
+from fedjax_fm.energy.meter import CallRecord
+from fedjax_fm.training import builders
+from fedjax_fm.training.record import (
+    RunError,
+    RunRecorder,
+    client_phase,
+    empty_row,
+    round_communication,
+    round_row,
+)
+from fedjax_fm.training.round import metered_server_step
 
 # Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
 DEPLOY_FIELDS = ("bytes_up_sent", "bytes_down_sent", "failed_clients", "nonfinite_clients", "rejected_devices",
                  "client_reports")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _sum_or_none(values: list[Any]) -> Optional[float]:
-    """A sum over clients, or None if any client lacks the figure (a partial sum would mislead)."""
-    if not values or any(v is None for v in values):
-        return None
-    return float(sum(values))
 
 
 def _node_id(proxy: ClientProxy) -> int:
@@ -111,8 +101,6 @@ class DeployStrategy(Strategy):
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
                  node_ids: Optional[dict[str, int]] = None, overrides: Optional[list[str]] = None,
                  resume: bool = False, wait_s: float = 120.0, log: Callable[[str], None] = print) -> None:
-        from fedjax_fm import fl
-
         super().__init__()
         if len(set(client_ids)) != len(client_ids) or not client_ids:
             raise RunError(f"deploy server: client ids must be distinct and non-empty, got {client_ids}")
@@ -135,35 +123,22 @@ class DeployStrategy(Strategy):
         else:
             log("client ids bound to Flower node ids (registered keys): " + json.dumps(self.node_ids))
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
+        # The same record as a simulation's: refuses a used folder without --resume and a
+        # changed config with it, then restores the newest readable checkpoint.
+        self.recorder = RunRecorder(cfg, self.out_dir, resume=resume, say=log)
+        self.recorder.check()
         pieces = build_pieces(cfg)
         self.frozen = pieces.frozen
         self.algorithm = pieces.algorithm
-        self.server_step = jax.jit(self.algorithm.server_step)
         self.state = self.algorithm.init(pieces.trainable, cfg.seed)
-        self.trainable_bytes = fl.tree_bytes(pieces.trainable)
-        self.energy = setup.build_energy(cfg, log)
-        self.store = CheckpointStore(self.out_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-        self.rows: list[dict[str, Any]] = []
-        if self.store.all_rounds() or self.metrics_path.exists():
-            if not resume:
-                raise RunError(f"{self.out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-            saved_path = self.out_dir / "config.yaml"
-            if saved_path.is_file():
-                mismatches = resume_mismatches(yaml.safe_load(saved_path.read_text()) or {}, config_to_dict(cfg))
-                if mismatches:
-                    raise RunError(f"--resume: the config differs from the one {self.out_dir} was started with "
-                                   f"({saved_path}); only federated.rounds may change:\n  " + "\n  ".join(mismatches))
-            restored = self.store.restore_latest(self.state, on_skip=lambda e: log(f"skipping checkpoint: {e}"))
-            if restored is not None:
-                self.state = restored.state
-                self.rows = [r for r in restored.metrics if r["round"] <= restored.round]
-                log(f"resumed from {restored.path} (round {restored.round})")
-        dump_config(cfg, self.out_dir / "config.yaml")
-        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.metrics_path)
+        self.trainable_bytes = fl.tree_nbytes(pieces.trainable)
+        count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
+        self.num_trainable = count(pieces.trainable)
+        self.num_params = self.num_trainable + count(pieces.frozen)
+        self.energy = builders.build_energy(cfg, log)
+        restored = self.recorder.restore(self.state)
+        if restored is not None:
+            self.state = self.algorithm.executor.place(restored)
         self._warm_up(cfg.federated.clients_per_round)
         self.claims: dict[int, str] = {}  # Flower node id -> the client id that node says it is
         self.reported: set[tuple[int, str]] = set()  # (node, claim) pairs already logged
@@ -173,19 +148,21 @@ class DeployStrategy(Strategy):
     def _warm_up(self, num_clients: int) -> None:
         """Compiles the server step for a full round before any is metered (it is pure: the
         result is discarded). A round with fewer answering devices compiles once more."""
-        from fedjax_fm import fl
-
         zeros = fl.ClientOutputs(
             jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), self.state.params),
             jnp.ones([num_clients], jnp.float32),
             {"loss": jnp.zeros([num_clients], jnp.float32), "tokens": jnp.zeros([num_clients], jnp.float32),
              "steps": jnp.zeros([num_clients], jnp.int32)},
         )
-        jax.block_until_ready(self.server_step(self.state, zeros))
+        jax.block_until_ready(self.algorithm.server_step(self.state, zeros))
 
     @property
     def rounds_done(self) -> int:
         return int(self.state.round)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.recorder.rows
 
     # -- devices -------------------------------------------------------------------
 
@@ -237,8 +214,6 @@ class DeployStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        from fedjax_fm import fl
-
         cfg = self.cfg
         started = time.perf_counter()
         round_index = self.rounds_done
@@ -310,8 +285,6 @@ class DeployStrategy(Strategy):
     # -- the round's bookkeeping ----------------------------------------------------
 
     def _finish_round(self, updates: list[tuple[str, Any, FitRes]], reasons: list[str], failures: list[Any]) -> None:
-        from fedjax_fm import fl
-
         plan = self.plan
         assert plan is not None and plan.round_index == self.rounds_done
         updates.sort(key=lambda u: self.client_ids.index(u[0]))
@@ -324,9 +297,7 @@ class DeployStrategy(Strategy):
         for name in failed:
             self.log(f"round {plan.round_index + 1}: device {name['client']} failed: {name['reason']}")
         reports = [dict(res.metrics) for _, _, res in updates]
-        row: dict[str, Any] = dict.fromkeys(METRIC_FIELDS + DEPLOY_FIELDS)
-        row.update(round=plan.round_index + 1, clients=len(updates), energy_source=self.energy.label,
-                   energy_is_estimate=self.energy.is_estimate)
+        row = empty_row(plan.round_index + 1, self.energy.label, self.energy.is_estimate, DEPLOY_FIELDS)
         if updates:
             outputs = fl.ClientOutputs(
                 jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[d for _, d, _ in updates]),
@@ -335,39 +306,20 @@ class DeployStrategy(Strategy):
                  "tokens": jnp.asarray([float(r["tokens"]) for r in reports], jnp.float32),
                  "steps": jnp.asarray([int(r["steps"]) for r in reports], jnp.int32)},
             )
-            with self.energy.meter.section("server") as section:
-                new_state, metrics = section.block(self.server_step(self.state, outputs))
-            self.state = new_state
-            host = jax.device_get(metrics)
-            server = section.record
-            valid = np.asarray(host["client_valid"], bool)
-            weights = np.asarray([float(r["num_examples"]) for r in reports]) * valid
-            losses = np.asarray([float(r["loss"]) for r in reports])
-            ok = np.isfinite(losses) & (weights > 0)
-            seconds = _sum_or_none([r.get("seconds") for r in reports])
-            tokens = float(sum(float(r["tokens"]) for r in reports))
-            joules = _sum_or_none([r.get("joules") for r in reports])
-            mfus = [r.get("mfu") for r in reports]
-            row.update(
-                train_loss=float(np.sum(losses[ok] * weights[ok]) / np.sum(weights[ok])) if ok.any() else None,
-                tokens=tokens, client_seconds=seconds, client_joules=joules,
-                server_seconds=server.wall_s, server_joules=server.joules,
-                tps=tokens / seconds if seconds else None,
-                tps_per_watt=tokens / joules if joules else None,
-                mfu=None if any(m is None for m in mfus) else float(np.mean(mfus)),
-                model_flops=_sum_or_none([r.get("model_flops") for r in reports]),
-                examples=float(sum(float(r["num_examples"]) for r in reports)),
-                valid_clients=int(host["num_valid_clients"]), applied=bool(host["applied"]),
-                nonfinite_clients=[name for (name, _, _), v in zip(updates, valid) if not v],
+            self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, self.energy.meter)
+            valid = [bool(v) for v in host["client_valid"]]
+            round_row(
+                row, clients=len(updates), client=client_phase([_device_record(r) for r in reports]), server=server,
+                losses=[float(r["loss"]) for r in reports], num_examples=[float(r["num_examples"]) for r in reports],
+                client_valid=valid, num_valid=host["num_valid_clients"], applied=host["applied"],
+                comm=round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes,
+                                         len(updates)),
             )
-            cost = setup.communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, len(updates))
-            row.update(bytes_up=cost.bytes_up, bytes_down=cost.bytes_down, comm_seconds=cost.seconds,
-                       comm_joules=cost.joules,
-                       granularity=(seconds / len(updates) / cost.seconds) if seconds and cost.seconds else None)
+            row["nonfinite_clients"] = [name for (name, _, _), v in zip(updates, valid) if not v]
         else:
             # Nothing to aggregate: the round passes unapplied, exactly as server_step would leave it.
             self.state = self.state.replace(round=self.state.round + 1)
-            row.update(valid_clients=0, applied=False, nonfinite_clients=[])
+            row.update(clients=0, valid_clients=0, applied=False, nonfinite_clients=[])
         row.update(
             bytes_up_sent=int(sum(payload_bytes(res.parameters) for _, _, res in updates)),
             bytes_down_sent=plan.bytes_down_each * len(plan.sent),
@@ -376,46 +328,39 @@ class DeployStrategy(Strategy):
             client_reports=reports,
             wall_seconds=time.perf_counter() - plan.started,
         )
-        row = {k: _json_safe(v) for k, v in row.items()}
-        self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        round_ = row["round"]
-        if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federated.rounds:
-            self.store.save(round_, self.state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
-        self.log(f"round {round_}: {row['clients']} device(s), applied={row['applied']}, "
+        row = self.recorder.record(row, self.state)
+        self.log(f"round {row['round']}: {row['clients']} device(s), applied={row['applied']}, "
                  f"train_loss={row['train_loss']}, failed={[f['client'] for f in failed]}")
         self.plan = None
 
     def finish(self) -> dict[str, Any]:
-        """Writes ``DIR/summary.json`` (rounds, totals, params_sha256) and returns it."""
-        from fedjax_fm import fl
+        """Writes ``DIR/summary.json`` (the simulation's fields, deployment fields added) and returns it."""
+        self.recorder.close()
+        train = [r for r in self.recorder.rows if r["round"] > 0]
+        return self.recorder.write_summary(
+            self.rounds_done, fl.join_variables(self.state.params, self.frozen), energy_label=self.energy.label,
+            energy_is_estimate=self.energy.is_estimate, num_params=self.num_params,
+            num_trainable=self.num_trainable, total_fields=("bytes_up_sent", "bytes_down_sent"),
+            extra={
+                "clients": self.client_ids,
+                "client_nodes": None if self.node_ids is None else {c: str(n) for c, n in self.node_ids.items()},
+                "rejected_devices": [{"node_id": n, "claimed": c} for n, c in sorted(
+                    {(str(d["node_id"]), d["claimed"]) for r in train for d in r.get("rejected_devices") or []})],
+                "failed_client_rounds": sum(len(r.get("failed_clients") or []) for r in train),
+                "deployment": "flower",
+            },
+        )
 
-        self.store.close()
-        variables = fl.join_variables(self.state.params, self.frozen)
-        train = [r for r in self.rows if r["round"] > 0]
-        totals = {key: _sum_or_none([r.get(key) for r in train]) for key in
-                  ("tokens", "client_seconds", "client_joules", "server_seconds", "server_joules", "comm_seconds",
-                   "comm_joules", "bytes_up", "bytes_down", "bytes_up_sent", "bytes_down_sent", "wall_seconds")}
-        summary = {
-            "rounds": self.rounds_done,
-            "seed": self.cfg.seed,
-            "model": self.cfg.model.name,
-            "mode": f"lora(r={self.cfg.lora.rank})" if self.cfg.lora else "full",
-            "server_optimizer": self.cfg.federated.server_optimizer.name,
-            "clients": self.client_ids,
-            "client_nodes": None if self.node_ids is None else {c: str(n) for c, n in self.node_ids.items()},
-            "rejected_devices": [{"node_id": n, "claimed": c} for n, c in sorted(
-                {(str(d["node_id"]), d["claimed"]) for r in train for d in r.get("rejected_devices") or []})],
-            "final_train_loss": next((r["train_loss"] for r in reversed(train) if r.get("train_loss") is not None), None),
-            "failed_client_rounds": sum(len(r.get("failed_clients") or []) for r in train),
-            "totals": totals,
-            "energy_source": self.energy.label,
-            "params_sha256": params_sha256(variables),
-            "deployment": "flower",
-        }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+
+def _device_record(report: dict[str, Any]) -> CallRecord:
+    """A device's metered client update, as it reported it (absent figures: not measured)."""
+    return CallRecord(
+        name="client", wall_s=float(report.get("seconds", 0.0)), tokens=report.get("tokens"),
+        model_flops=report.get("model_flops"), tps=report.get("tps"), joules=report.get("joules"),
+        mean_watts=report.get("mean_watts"), eta_e=report.get("tps_per_watt"), mfu=report.get("mfu"),
+        peak_flops=report.get("peak_flops"), energy_source=str(report.get("energy_source", "none")),
+        is_estimate=bool(report.get("energy_is_estimate", False)),
+    )
 
 
 def serve(grid: Any, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,

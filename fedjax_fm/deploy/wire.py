@@ -6,7 +6,7 @@ A tree travels as ``Parameters(tensors, tensor_type=WIRE_FORMAT)`` with
     tensors[i]   = flwr.common.ndarray_to_bytes(leaf named name_i)   (i = 1..L)
 
 Names are the leaves' key paths joined with '/' (``lora/encoder/block_0/...``,
-see :mod:`fedjax_fm.fingerprint`). Decoding matches leaves to a *template* by name,
+see :mod:`fedjax_fm.training.fingerprint`). Decoding matches leaves to a *template* by name,
 never by position, and checks names, shapes and dtypes, so two sides whose dicts
 were built in a different order still agree, and a mismatch (another model, LoRA vs
 full fine-tuning) is an error naming the first differing leaf.
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flwr.common import Parameters, bytes_to_ndarray, ndarray_to_bytes
 
-from fedjax_fm.fingerprint import key_path_name, named_leaves
+from fedjax_fm.training.fingerprint import key_path_name, named_leaves
 
 WIRE_FORMAT = "fedjax_fm.named-ndarrays/1"
 

@@ -4,15 +4,12 @@ See ``docs/energy.md`` for every metric's definition. The command-line benchmark
 live in ``fedjax_fm.energy.bench`` (imported by the CLI only: it pulls in the model).
 """
 
-from fedjax_fm.energy.backend import (
+from fedjax_fm.energy.base import (
     ConstantBackend,
-    Detection,
     NoneBackend,
     PowerBackend,
     PowerBackendUnavailable,
     PowerSample,
-    detect_backend,
-    make_backend,
     source_label,
 )
 from fedjax_fm.energy.comm import (
@@ -23,9 +20,9 @@ from fedjax_fm.energy.comm import (
     load_network_profiles,
     network_profile,
     round_comm_cost,
-    tree_nbytes,
 )
-from fedjax_fm.energy.meter import CallRecord, Meter, make_record, sum_records
+from fedjax_fm.energy.detect import Detection, detect_backend, make_backend
+from fedjax_fm.energy.meter import CallRecord, Meter, make_record, safe_div, sum_records
 from fedjax_fm.energy.peaks import DEVICE_PEAKS, PeakFlops, lookup_peak, measure_matmul_peak, resolve_peak
 from fedjax_fm.energy.sampler import PowerSampler, PowerTrace
 
@@ -34,5 +31,5 @@ __all__ = [
     "NoneBackend", "PeakFlops", "PowerBackend", "PowerBackendUnavailable", "PowerSample", "PowerSampler",
     "PowerTrace", "client_comm_cost", "detect_backend", "granularity", "load_network_profiles", "lookup_peak",
     "make_backend", "make_record", "measure_matmul_peak", "network_profile", "resolve_peak", "round_comm_cost",
-    "source_label", "sum_records", "tree_nbytes",
+    "safe_div", "source_label", "sum_records",
 ]

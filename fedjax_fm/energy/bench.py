@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_fm.energy.backend import PowerBackend, detect_backend
+from fedjax_fm.energy.base import PowerBackend
+from fedjax_fm.energy.detect import detect_backend
 from fedjax_fm.energy.meter import Meter, sum_records
 from fedjax_fm.energy.peaks import (
     default_cache_path,

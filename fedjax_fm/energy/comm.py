@@ -1,8 +1,8 @@
 """Communication cost of federated rounds: exact bytes, time and energy, granularity.
 
 Bytes are exact: the sum of ``nbytes`` over the leaves of the pytree a client
-sends (after any compression) or receives. Time and energy come from a named
-network profile (``network_profiles.yaml``: bandwidth up/down, one-way latency,
+sends (after any compression) or receives (:func:`fedjax_fm.fl.tree_nbytes`). Time
+and energy come from a named network profile (``network_profiles.yaml``: bandwidth up/down, one-way latency,
 energy per bit up/down, each with its source or marked as an assumption).
 
 For one client with ``b_up`` bytes up and ``b_down`` bytes down over a link with
@@ -26,18 +26,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-import jax
-import numpy as np
 import yaml
+
+from fedjax_fm.energy.meter import safe_div
 
 PROFILE_KEYS = ("description", "uplink_mbps", "downlink_mbps", "latency_ms", "energy_per_bit_up_nj",
                 "energy_per_bit_down_nj", "sources", "assumptions")
-
-
-def tree_nbytes(tree: Any) -> int:
-    """Exact bytes of a pytree: sum of each leaf's ``size * itemsize`` (None leaves count 0)."""
-    return int(sum(np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes
-                   for leaf in jax.tree_util.tree_leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +145,6 @@ def round_comm_cost(client_costs: Iterable[CommCost]) -> CommCost:
     )
 
 
-def granularity(compute_seconds: float, comm_seconds: float) -> float | None:
+def granularity(compute_seconds: float | None, comm_seconds: float | None) -> float | None:
     """G = T_comp / T_comm (None when there is no communication time)."""
-    if comm_seconds <= 0:
-        return None
-    return compute_seconds / comm_seconds
+    return safe_div(compute_seconds, comm_seconds)

@@ -31,7 +31,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from fedjax_fm.energy.backend import PowerBackendUnavailable, PowerSample
+from fedjax_fm.energy.base import PowerBackendUnavailable, PowerSample
 from fedjax_fm.energy.sysfs import Reader, describe_os_error, read_number, read_text
 
 MODULE_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")

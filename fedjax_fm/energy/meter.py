@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from fedjax_fm.energy.backend import NoneBackend, PowerBackend
+from fedjax_fm.energy.base import NoneBackend, PowerBackend
 from fedjax_fm.energy.sampler import DEFAULT_INTERVAL_S, PowerSampler, PowerTrace
 
 
@@ -62,7 +62,9 @@ class CallRecord:
         return dataclasses.asdict(self)
 
 
-def _safe_div(numerator: float | None, denominator: float | None) -> float | None:
+def safe_div(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is unknown or the denominator is not positive
+    (a rate over no time, or per no watt, is not a number we report)."""
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
@@ -79,7 +81,7 @@ def make_record(
 ) -> CallRecord:
     """Pure: the per-call metrics from a wall time and a power trace."""
     joules = trace.joules if trace is not None else None
-    tps = _safe_div(tokens, wall_s)
+    tps = safe_div(tokens, wall_s)
     # W over the interval the energy was measured on (it brackets the call to within a
     # sample read), so a busy host's scheduling delays cannot inflate it.
     mean_watts = trace.mean_watts if trace is not None else None
@@ -93,12 +95,12 @@ def make_record(
         joules_by_rail=dict(trace.joules_by_rail) if trace is not None and trace.joules_by_rail else None,
         mean_watts=mean_watts,
         peak_watts=trace.peak_watts if trace is not None else None,
-        eta_e=_safe_div(tps, mean_watts),
-        mfu=_safe_div(_safe_div(flops, wall_s), peak_flops),
+        eta_e=safe_div(tps, mean_watts),
+        mfu=safe_div(safe_div(flops, wall_s), peak_flops),
         peak_flops=peak_flops,
         energy_source=trace.source if trace is not None else "none",
         is_estimate=trace.is_estimate if trace is not None else False,
-        sampler_overhead=_safe_div(trace.sampler_cpu_s, wall_s) if trace is not None and trace.method else None,
+        sampler_overhead=safe_div(trace.sampler_cpu_s, wall_s) if trace is not None and trace.method else None,
     )
 
 
@@ -129,7 +131,7 @@ def sum_records(records: Iterable[CallRecord], name: str) -> CallRecord:
     peak_flops = peaks.pop() if len(peaks) == 1 else None
     peak_watts = [r.peak_watts for r in records]
     sources = {r.energy_source for r in records}
-    tps, mean_watts = _safe_div(tokens, wall_s), _safe_div(joules, wall_s)
+    tps, mean_watts = safe_div(tokens, wall_s), safe_div(joules, wall_s)
     return CallRecord(
         name=name,
         wall_s=wall_s,
@@ -140,13 +142,13 @@ def sum_records(records: Iterable[CallRecord], name: str) -> CallRecord:
         joules_by_rail=rails,
         mean_watts=mean_watts,
         peak_watts=None if any(p is None for p in peak_watts) else max(peak_watts),
-        eta_e=_safe_div(tps, mean_watts),
-        mfu=_safe_div(_safe_div(flops, wall_s), peak_flops),
+        eta_e=safe_div(tps, mean_watts),
+        mfu=safe_div(safe_div(flops, wall_s), peak_flops),
         peak_flops=peak_flops,
         energy_source=sources.pop() if len(sources) == 1 else "mixed",
         is_estimate=any(r.is_estimate for r in records),
         calls=sum(r.calls for r in records),
-        sampler_overhead=_safe_div(
+        sampler_overhead=safe_div(
             None if any(r.sampler_overhead is None for r in records) else sum(r.sampler_overhead * r.wall_s for r in records),
             wall_s,
         ),

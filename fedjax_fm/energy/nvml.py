@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fedjax_fm.energy.backend import PowerBackendUnavailable, PowerSample
+from fedjax_fm.energy.base import PowerBackendUnavailable, PowerSample
 
 
 def _import_pynvml():

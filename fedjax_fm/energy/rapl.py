@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from fedjax_fm.energy.backend import PowerBackendUnavailable, PowerSample
+from fedjax_fm.energy.base import PowerBackendUnavailable, PowerSample
 from fedjax_fm.energy.sysfs import Reader, describe_os_error, read_number, read_text
 
 

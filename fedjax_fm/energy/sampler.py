@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from fedjax_fm.energy.backend import PowerBackend, PowerSample, source_label
+from fedjax_fm.energy.base import PowerBackend, PowerSample, source_label
 
 DEFAULT_INTERVAL_S = 0.05
 

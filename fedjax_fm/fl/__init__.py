@@ -22,11 +22,10 @@ from fedjax_fm.fl.algorithm import (
     ServerState,
     client_rngs,
     make_aggregator,
-    tree_bytes,
 )
 from fedjax_fm.fl.client import batch_counts, client_optimizer, make_client_update
 from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
-from fedjax_fm.fl.partition import join_variables, split_variables, trainable_collections
+from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections, tree_nbytes
 from fedjax_fm.fl.sampling import sample_clients
 from fedjax_fm.fl.server_optimizers import (
     SERVER_OPTIMIZERS,
@@ -69,6 +68,6 @@ __all__ = [
     "scale_by_reddi_adaptive",
     "server_optimizer",
     "split_variables",
-    "tree_bytes",
     "trainable_collections",
+    "tree_nbytes",
 ]

@@ -73,15 +73,13 @@ def client_rngs(base_rng: jax.Array, round_index: jax.Array, client_ids: jax.Arr
     return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.asarray(client_ids, jnp.uint32))
 
 
-def tree_bytes(tree: Params) -> int:
-    """Exact payload size of a pytree in bytes (Σ size · itemsize), a host integer."""
-    return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
-
-
 class FederatedAlgorithm:
     """``init`` and ``round`` over pure pieces (see the module docstring).
 
-    Build one per run and reuse it: compiled functions are cached on the object.
+    ``round`` = ``run_clients`` (the client phase) then ``server_step`` (aggregation and
+    the server optimiser, ``server_update`` compiled); a runner that meters each half
+    calls the two itself, exactly as ``round`` does. Build one per run and reuse it:
+    compiled functions are cached on the object.
     """
 
     def __init__(
@@ -97,7 +95,9 @@ class FederatedAlgorithm:
         self.executor = executor if executor is not None else Sequential()
         self._run_clients = self.executor.compile(client_update)
         self._client_rngs = jax.jit(client_rngs)
-        self._server_step = jax.jit(self.server_step)
+        #: ``server_update`` compiled once for this algorithm: what ``round`` runs, and what a
+        #: runner that meters the two halves of a round (or a deployment's server) calls.
+        self.server_step = jax.jit(self.server_update)
 
     def init(self, trainable: Params, seed: int | jax.Array) -> ServerState:
         """The round-0 server state for ``trainable`` parameters and a run seed."""
@@ -112,12 +112,12 @@ class FederatedAlgorithm:
         return self.executor.place(state)
 
     def run_clients(self, state: ServerState, frozen: Params, batches: dict, client_ids: Any) -> ClientOutputs:
-        """The client phase alone (for metering): local training of the given clients."""
+        """The first half of ``round``: local training of the given clients (compiled by the executor)."""
         rngs = self._client_rngs(state.rng, state.round, jnp.asarray(client_ids))
         return self._run_clients(state.params, frozen, batches, rngs)
 
-    def server_step(self, state: ServerState, outputs: ClientOutputs) -> tuple[ServerState, dict[str, jax.Array]]:
-        """Pure: aggregate the client outputs and apply the server optimiser (jitted in ``round``)."""
+    def server_update(self, state: ServerState, outputs: ClientOutputs) -> tuple[ServerState, dict[str, jax.Array]]:
+        """Pure: aggregate the client outputs and apply the server optimiser (compiled as ``server_step``)."""
         chex.assert_trees_all_equal_structs(outputs.deltas, state.params)
         agg_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), SERVER_STREAM)
         result = self.aggregator(outputs.deltas, outputs.num_examples, agg_rng)
@@ -150,7 +150,7 @@ class FederatedAlgorithm:
         ``num_valid_clients``, ``num_nonfinite_clients``, ``applied``, ``pseudo_gradient_norm``.
         """
         outputs = self.run_clients(state, frozen, batches, client_ids)
-        new_state, server_metrics = self._server_step(state, outputs)
+        new_state, server_metrics = self.server_step(state, outputs)
         metrics = {f"client_{name}": value for name, value in outputs.metrics.items()}
         metrics["client_num_examples"] = outputs.num_examples
         metrics.update(server_metrics)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from fedjax_fm.fl.client import LossFn
-from fedjax_fm.fl.partition import join_variables, split_variables, trainable_collections
+from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections
 from fedjax_fm.models.config import LoraConfig
 from fedjax_fm.models.lora import init_lora
 from fedjax_fm.models.loss import batch_loss

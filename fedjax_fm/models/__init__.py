@@ -1,42 +1,38 @@
-"""FLAN-T5 in Flax: config and presets, the module, HF checkpoint I/O, tokenizer, generation."""
+"""FLAN-T5 in Flax: config and presets, the module, HF checkpoint I/O, tokenizer, generation.
 
-from fedjax_fm.models.config import PRESETS, LoraConfig, T5Config, preset
+The public names below are imported on first use (PEP 562), so that importing the
+JAX-free ``fedjax_fm.models.lora_config`` (as the experiment config does) does not load
+Flax, transformers and the rest.
+"""
 
-__all__ = ["PRESETS", "LoraConfig", "T5Config", "preset"]
+from __future__ import annotations
 
-from fedjax_fm.models.hf_io import (  # noqa: E402  (HF checkpoints, engineer M2)
-    CheckpointError,
-    from_pretrained,
-    hf_state_dict_from_params,
-    load_safetensors_checked,
-    params_from_hf_state_dict,
-    save_pretrained,
-)
+import importlib
+from typing import Any
 
-__all__ += [
-    "CheckpointError",
-    "from_pretrained",
-    "hf_state_dict_from_params",
-    "load_safetensors_checked",
-    "params_from_hf_state_dict",
-    "save_pretrained",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    **dict.fromkeys(("PRESETS", "T5Config", "preset"), "config"),
+    "LoraConfig": "lora_config",
+    **dict.fromkeys(("HFCheckpointError", "from_pretrained", "hf_state_dict_from_params", "load_safetensors_checked",
+                     "params_from_hf_state_dict", "save_pretrained"), "hf_io"),
+    "generate": "generate",
+    **dict.fromkeys(("batch_loss", "seq2seq_cross_entropy", "shift_right"), "loss"),
+    **dict.fromkeys(("T5", "init_params"), "t5"),
+    **dict.fromkeys(("init_lora", "load_peft_adapter", "merge_lora", "save_peft_adapter"), "lora"),
+    **dict.fromkeys(("load_tokenizer", "train_sentencepiece_tokenizer"), "tokenizer"),
+}
 
-from fedjax_fm.models.generate import generate  # noqa: E402  (model, engineer M1)
-from fedjax_fm.models.loss import batch_loss, seq2seq_cross_entropy, shift_right  # noqa: E402
-from fedjax_fm.models.t5 import T5, init_params  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-__all__ += ["T5", "batch_loss", "generate", "init_params", "seq2seq_cross_entropy", "shift_right"]
 
-from fedjax_fm.models.lora import (  # noqa: E402  (LoRA adapters, engineer F)
-    init_lora,
-    load_peft_adapter,
-    merge_lora,
-    save_peft_adapter,
-)
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedjax_fm.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fedjax_fm.models.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-__all__ += ["init_lora", "load_peft_adapter", "merge_lora", "save_peft_adapter"]
 
-from fedjax_fm.models.tokenizer import load_tokenizer, train_sentencepiece_tokenizer  # noqa: E402  (engineer M2)
-
-__all__ += ["load_tokenizer", "train_sentencepiece_tokenizer"]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from fedjax_fm.models.lora_config import LoraConfig, LoraTarget  # noqa: F401  (re-exported)
+
 FeedForward = Literal["gated-gelu", "relu"]
 
 # Architecture fields that round-trip through Hugging Face config.json.
@@ -162,32 +164,6 @@ class T5Config:
         if "num_decoder_layers" not in hf or hf["num_decoder_layers"] is None:
             kwargs["num_decoder_layers"] = kwargs.get("num_layers", 6)
         return cls(**kwargs, **runtime)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """Low-rank adaptation settings (Hu et al. 2021), PEFT's conventions.
-
-    A frozen projection ``y = x W`` becomes ``y = x W + (alpha / rank) * dropout(x) A B``
-    with ``A`` [in, rank] random and ``B`` [rank, out] zero at initialisation.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q", "v")
-
-    def __post_init__(self) -> None:
-        valid = {"q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"}
-        bad = [m for m in self.target_modules if m not in valid]
-        if bad:
-            raise ValueError(f"unknown LoRA target module(s) {bad}; valid: {sorted(valid)}")
-        if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 # Real dimensions of the released FLAN-T5 checkpoints (google/flan-t5-*), plus a

@@ -73,7 +73,7 @@ _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 
 
-class CheckpointError(ValueError):
+class HFCheckpointError(ValueError):
     """A checkpoint file exists but cannot be used as it is (corrupt, wrong shape, wrong model)."""
 
 
@@ -181,7 +181,7 @@ def params_from_hf_state_dict(
     Returns the params tree (nested dict; the checkpoint's dtype unless ``convert``
     changes it): what ``init_params`` returns, applied as ``model.apply({"params": params}, ...)``.
 
-    Raises ``CheckpointError`` naming the tensor, the file, expected and actual shape
+    Raises ``HFCheckpointError`` naming the tensor, the file, expected and actual shape
     for any missing, mis-shaped or unexpected tensor, before converting anything.
     """
     convert = np.ascontiguousarray if convert is None else convert
@@ -239,7 +239,7 @@ def params_from_hf_state_dict(
     if problems:
         files = source if isinstance(source, str) else ", ".join(sorted(set(source.values())))
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"checkpoint {files!r} does not match the T5 config ({_architecture(config)}):\n  "
             + "\n  ".join(shown)
         )
@@ -275,13 +275,13 @@ class SafetensorsFiles(Mapping):
                 handle = safe_open(str(path), framework="numpy")
                 keys = list(handle.keys())
             except self._error_types as err:
-                raise CheckpointError(
+                raise HFCheckpointError(
                     f"'{path}' is not a readable safetensors file (truncated or corrupt download?): {err}"
                 ) from err
             self._handles[str(path)] = handle
             for name in keys:
                 if name in self.sources:
-                    raise CheckpointError(f"tensor {name!r} appears in both '{self.sources[name]}' and '{path}'")
+                    raise HFCheckpointError(f"tensor {name!r} appears in both '{self.sources[name]}' and '{path}'")
                 self.sources[name] = str(path)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -289,7 +289,7 @@ class SafetensorsFiles(Mapping):
         try:
             return self._handles[path].get_tensor(name)
         except self._error_types as err:
-            raise CheckpointError(f"could not read tensor {name!r} from '{path}': {err}") from err
+            raise HFCheckpointError(f"could not read tensor {name!r} from '{path}': {err}") from err
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self.sources[name]].get_slice(name).get_shape())
@@ -319,11 +319,11 @@ def hf_state_dict_from_params(
 
     The result has one entry per HF tensor (``shared.weight`` only once: transformers
     re-ties ``*.embed_tokens``; ``lm_head.weight`` only when untied), contiguous NumPy
-    arrays in the params' dtype or ``dtype`` if given. Raises ``CheckpointError`` for a
+    arrays in the params' dtype or ``dtype`` if given. Raises ``HFCheckpointError`` for a
     missing, mis-shaped or unexpected leaf.
     """
     if "lora" in params:
-        raise CheckpointError(
+        raise HFCheckpointError(
             "params carry a 'lora' collection: merge the adapters into the base weights first "
             "(fedjax_fm.models.lora.merge_lora) or export them as a PEFT adapter "
             "(save_peft_adapter); a HF T5 checkpoint has no place for them"
@@ -360,7 +360,7 @@ def hf_state_dict_from_params(
 
     walk(tree, ())
     if problems:
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"params do not match the T5 config ({_architecture(config)}):\n  " + "\n  ".join(problems[:20])
         )
     return out
@@ -372,7 +372,7 @@ def hf_state_dict_from_params(
 def load_safetensors_checked(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Reads a ``.safetensors`` file into NumPy arrays, with errors that name the file.
 
-    Raises ``FileNotFoundError`` if it is absent and ``CheckpointError`` if it is
+    Raises ``FileNotFoundError`` if it is absent and ``HFCheckpointError`` if it is
     truncated, corrupt or not a safetensors file (safetensors' own message included).
     """
     from safetensors import SafetensorError
@@ -384,11 +384,11 @@ def load_safetensors_checked(path: str | os.PathLike[str]) -> dict[str, np.ndarr
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"'{path}' is not a readable safetensors file (truncated or corrupt download?): {err}"
         ) from err
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"could not read safetensors file '{path}': {err}") from err
+        raise HFCheckpointError(f"could not read safetensors file '{path}': {err}") from err
 
 
 def open_checkpoint_tensors(directory: str | os.PathLike[str]) -> SafetensorsFiles:
@@ -396,7 +396,7 @@ def open_checkpoint_tensors(directory: str | os.PathLike[str]) -> SafetensorsFil
 
     Raises ``FileNotFoundError`` naming the directory when there are no safetensors
     weights (and which other weight files it holds), or naming the shards an index
-    lists that are absent; ``CheckpointError`` for a bad index or a corrupt file.
+    lists that are absent; ``HFCheckpointError`` for a bad index or a corrupt file.
     """
     directory = Path(directory)
     index_path = directory / SAFETENSORS_INDEX_FILE
@@ -406,7 +406,7 @@ def open_checkpoint_tensors(directory: str | os.PathLike[str]) -> SafetensorsFil
             index = json.loads(index_path.read_text())
             weight_map = dict(index["weight_map"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"'{index_path}' is not a valid safetensors index (needs a 'weight_map'): {err}") from err
+            raise HFCheckpointError(f"'{index_path}' is not a valid safetensors index (needs a 'weight_map'): {err}") from err
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (directory / name).is_file()]
         if missing:
@@ -414,7 +414,7 @@ def open_checkpoint_tensors(directory: str | os.PathLike[str]) -> SafetensorsFil
         tensors = SafetensorsFiles([directory / name for name in shard_names])
         not_found = sorted(name for name in weight_map if name not in tensors)
         if not_found:
-            raise CheckpointError(f"'{index_path}' lists tensor(s) {not_found[:5]} that its shard files do not contain")
+            raise HFCheckpointError(f"'{index_path}' lists tensor(s) {not_found[:5]} that its shard files do not contain")
         return tensors
     if single_path.is_file():
         return SafetensorsFiles([single_path])
@@ -495,21 +495,21 @@ def save_safetensors_checkpoint(
 def config_from_hf_dict(hf: Mapping[str, Any], *, source: str = CONFIG_FILE, **runtime: Any) -> T5Config:
     """``T5Config`` from a ``config.json`` dict, with errors that name the file.
 
-    Raises ``CheckpointError`` naming ``source`` for another architecture or an
+    Raises ``HFCheckpointError`` naming ``source`` for another architecture or an
     unsupported feed-forward type.
     """
     hf = dict(hf)
     model_type = hf.get("model_type")
     if model_type != "t5":
         architectures = hf.get("architectures")
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"'{source}' describes model_type={model_type!r} (architectures={architectures}), "
             "not a T5 model; fedjax_fm reads T5 / T5 v1.1 / FLAN-T5 checkpoints (model_type 't5')"
         )
     try:
         return T5Config.from_hf_dict(hf, **runtime)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"'{source}': {err}") from err
+        raise HFCheckpointError(f"'{source}': {err}") from err
 
 
 def hf_config_dict(config: T5Config, weights_dtype: str = "float32") -> dict[str, Any]:
@@ -525,7 +525,7 @@ def hf_config_dict(config: T5Config, weights_dtype: str = "float32") -> dict[str
 def resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
     """A local directory as it is; otherwise a Hub repo id, downloaded (config, safetensors, tokenizer).
 
-    Errors: ``CheckpointError`` for a preset name or a file, ``FileNotFoundError`` for a
+    Errors: ``HFCheckpointError`` for a preset name or a file, ``FileNotFoundError`` for a
     missing local path or a Hub id that cannot be fetched (offline, no such repo).
     """
     text = os.fspath(name_or_dir)
@@ -533,10 +533,10 @@ def resolve_checkpoint_dir(name_or_dir: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"'{path}' is a file; pass the checkpoint directory that holds config.json")
+        raise HFCheckpointError(f"'{path}' is a file; pass the checkpoint directory that holds config.json")
     if text in PRESETS:
         hub_hint = f" To load the released weights pass the Hub id 'google/{text}'." if text.startswith("flan-t5") else ""
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"{text!r} is a preset name (random initialisation), not a checkpoint: use "
             f"`init_params(preset({text!r}), rng)`.{hub_hint}"
         )
@@ -571,9 +571,9 @@ def read_config(directory: str | os.PathLike[str], **runtime: Any) -> T5Config:
     try:
         hf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"'{config_path}' is not valid JSON: {err}") from err
+        raise HFCheckpointError(f"'{config_path}' is not valid JSON: {err}") from err
     if not isinstance(hf, dict):
-        raise CheckpointError(f"'{config_path}' must hold a JSON object, got {type(hf).__name__}")
+        raise HFCheckpointError(f"'{config_path}' must hold a JSON object, got {type(hf).__name__}")
     return config_from_hf_dict(hf, source=str(config_path), **runtime)
 
 
@@ -676,7 +676,7 @@ def save_pretrained(
 
 
 __all__ = [
-    "CheckpointError",
+    "HFCheckpointError",
     "ParamSpec",
     "config_from_hf_dict",
     "from_pretrained",

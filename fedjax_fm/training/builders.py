@@ -1,20 +1,44 @@
-"""Builds the pieces of a run from its config: tokenizer, data, model, algorithm, meter.
+"""Builds the pieces of a run from its config: tokenizer, data, model, algorithm, evaluator, meter.
 
 Each function is a thin adapter from one config section to the API of the package
-that owns the piece (``models``, ``data``, ``fl``, ``energy``), so that the rounds
-loop in :mod:`fedjax_fm.experiment` reads as the algorithm and nothing else.
+that owns the piece (``models``, ``data``, ``fl``, ``energy``, ``eval``), so that the
+rounds loop in :mod:`fedjax_fm.training.experiment` and the deployment's strategy
+read as the algorithm and nothing else. Simulation and deployment call the very same
+builders, so their client and server steps are the same functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
+from transformers import ByT5Tokenizer
 
+from fedjax_fm import fl
 from fedjax_fm.config import ConfigError, ExperimentConfig
+from fedjax_fm.data.batching import LocalWork
+from fedjax_fm.data.federated import FederatedData, build_federated_data, load_source
+from fedjax_fm.data.tokenize import format_prompts
+from fedjax_fm.energy.comm import NetworkProfile, load_network_profiles
+from fedjax_fm.energy.detect import detect_backend
+from fedjax_fm.energy.base import source_label
+from fedjax_fm.energy.meter import Meter
+from fedjax_fm.energy.peaks import resolve_peak
+from fedjax_fm.eval.evaluate import Evaluator
+from fedjax_fm.fl.t5_task import t5_loss_fn
+from fedjax_fm.models import hf_io
+from fedjax_fm.models import lora as lora_lib
+from fedjax_fm.models.config import PRESETS, T5Config, preset
+from fedjax_fm.models.flops import train_step_flops as count_train_step_flops
+from fedjax_fm.models.generate import generate
+from fedjax_fm.models.loss import batch_loss
+from fedjax_fm.models.t5 import T5, init_params
+from fedjax_fm.models.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
 
 # fold_in tags of the seed's independent random streams. Client training keys are
 # fold_in(fold_in(PRNGKey(seed), round), client) with round < 2^31; these tags are
@@ -28,8 +52,6 @@ def jnp_dtype(name: str) -> Any:
 
 
 def is_preset(name: str) -> bool:
-    from fedjax_fm.models.config import PRESETS
-
     return name.removeprefix("google/") in PRESETS
 
 
@@ -59,8 +81,6 @@ def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callab
     ones the checkpoint was trained on. ``byt5`` needs no files; anything else is a
     local tokenizer directory or a hub name.
     """
-    from fedjax_fm.models.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
-
     mode = tokenizer_mode(cfg)
     if mode == "train-sentencepiece":
         directory = out_dir / "tokenizer"
@@ -71,8 +91,6 @@ def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callab
             raise ConfigError("model.tokenizer 'train-sentencepiece' with a pretrained model needs model.vocab_size")
         return train_sentencepiece_tokenizer(training_texts(), directory, vocab, seed=cfg.seed)
     if mode == "byt5":
-        from transformers import ByT5Tokenizer
-
         return ByT5Tokenizer()
     return load_tokenizer(mode)
 
@@ -84,11 +102,9 @@ def _runtime(cfg: ExperimentConfig) -> dict[str, Any]:
     return dict(dtype=jnp_dtype(cfg.model.dtype), param_dtype=jnp_dtype(cfg.model.param_dtype), remat=cfg.model.remat)
 
 
-def model_config(cfg: ExperimentConfig):
+def model_config(cfg: ExperimentConfig) -> T5Config:
     """The :class:`T5Config` of a randomly initialised model: a preset (+ ``vocab_size``) or
     the ``config.json`` of a local directory. (Pretrained models bring their own.)"""
-    from fedjax_fm.models.config import preset
-
     name = cfg.model.name
     if is_preset(name):
         overrides = _runtime(cfg)
@@ -100,39 +116,23 @@ def model_config(cfg: ExperimentConfig):
             f"model.name={name!r} is neither a preset nor a local directory; a hub model needs "
             "model.init 'pretrained' (or 'auto')"
         )
-    from fedjax_fm.models.hf_io import read_config
-
-    config = read_config(name, **_runtime(cfg))
+    config = hf_io.read_config(name, **_runtime(cfg))
     return config if cfg.model.vocab_size is None else config.replace(vocab_size=cfg.model.vocab_size)
 
 
-def lora_config(cfg: ExperimentConfig):
-    from fedjax_fm.models.config import LoraConfig
-
-    if cfg.lora is None:
-        return None
-    return LoraConfig(
-        rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=tuple(cfg.lora.target_modules)
-    )
-
-
-def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[T5, dict[str, Any]]:
     """``(model, variables)`` with ``variables = {"params": base}`` plus ``"lora"`` adapters.
 
     Pretrained weights come from ``hf_io.from_pretrained`` (a local directory or a hub
     id); otherwise the architecture is initialised from ``fold_in(PRNGKey(seed), tag)``.
     LoRA adapters are always fresh (``A`` random from the seed, ``B = 0``).
     """
-    from fedjax_fm.models.t5 import T5, init_params
-
     seed_key = jax.random.PRNGKey(cfg.seed)
-    lora = lora_config(cfg)
     if wants_pretrained(cfg):
-        from fedjax_fm.models.hf_io import from_pretrained
-
         runtime = _runtime(cfg)
-        model, params = from_pretrained(
-            cfg.model.name, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat, lora=lora
+        model, params = hf_io.from_pretrained(
+            cfg.model.name, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat,
+            lora=cfg.lora,
         )
         if cfg.model.vocab_size is not None and cfg.model.vocab_size != model.config.vocab_size:
             raise ConfigError(
@@ -141,7 +141,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[Any, dict[str, A
             )
     else:
         config = model_config(cfg)
-        model = T5(config, lora=lora)
+        model = T5(config, lora=cfg.lora)
         params = init_params(config, jax.random.fold_in(seed_key, MODEL_INIT_STREAM))
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
@@ -149,47 +149,31 @@ def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[Any, dict[str, A
             f"{model.config.vocab_size} (model.vocab_size)"
         )
     variables: dict[str, Any] = {"params": params}
-    if lora is not None:
-        from fedjax_fm.models import lora as lora_lib
-
-        variables["lora"] = lora_lib.init_lora(params, lora, jax.random.fold_in(seed_key, LORA_INIT_STREAM))
+    if cfg.lora is not None:
+        variables["lora"] = lora_lib.init_lora(params, cfg.lora, jax.random.fold_in(seed_key, LORA_INIT_STREAM))
     return model, variables
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def data_spec(cfg: ExperimentConfig):
-    """The data package's :class:`DataSpec` from the ``data``, ``federated`` and ``eval`` sections."""
-    from fedjax_fm.data.federated import DataSpec
-
-    return DataSpec(
-        source=cfg.data.source,
-        partition=cfg.data.partition,
-        prompt_template=cfg.data.prompt_template,
-        max_input_length=cfg.data.max_input_length,
-        max_target_length=cfg.data.max_target_length,
-        batch_size=cfg.federated.batch_size,
-        local_steps=None if cfg.federated.local_epochs is not None else cfg.federated.local_steps,
-        local_epochs=cfg.federated.local_epochs,
-        eval_batch_size=cfg.eval.batch_size,
-        cache_dir=cfg.data.cache_dir,
-    )
+def local_work(cfg: ExperimentConfig) -> LocalWork:
+    """The ``federated`` section's local work per round (``local_epochs``, when set, wins)."""
+    f = cfg.federated
+    if f.local_epochs is not None:
+        return LocalWork(f.batch_size, epochs=f.local_epochs)
+    return LocalWork(f.batch_size, steps=f.local_steps)
 
 
 def training_texts(cfg: ExperimentConfig) -> list[str]:
     """Prompted training inputs and targets: the corpus a trained tokenizer must cover."""
-    from fedjax_fm.data.federated import load_source
-    from fedjax_fm.data.tokenize import format_prompts
-
     train, _ = load_source(cfg.data.source, seed=cfg.seed)
     return format_prompts(cfg.data.prompt_template, train.inputs) + list(train.targets)
 
 
-def build_data(cfg: ExperimentConfig, tokenizer: Any):
-    from fedjax_fm.data.federated import build_federated_data
-
-    data = build_federated_data(data_spec(cfg), tokenizer, seed=cfg.seed, num_clients=cfg.federated.num_clients)
+def build_data(cfg: ExperimentConfig, tokenizer: Any) -> FederatedData:
+    data = build_federated_data(cfg.data, tokenizer, seed=cfg.seed, num_clients=cfg.federated.num_clients,
+                                local_work=local_work(cfg), eval_batch_size=cfg.eval.batch_size)
     if data.num_clients < cfg.federated.clients_per_round:
         raise ConfigError(
             f"federated.clients_per_round={cfg.federated.clients_per_round} but the data has only "
@@ -215,11 +199,7 @@ def server_optimizer_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     }[s.name]
 
 
-def local_optimizer(cfg: ExperimentConfig):
-    import optax
-
-    from fedjax_fm import fl
-
+def local_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
     o = cfg.federated.local_optimizer
     kwargs: dict[str, Any] = {"learning_rate": o.learning_rate}
     if o.name == "adamw":
@@ -232,21 +212,16 @@ def local_optimizer(cfg: ExperimentConfig):
     return opt
 
 
-def executor(cfg: ExperimentConfig):
-    from fedjax_fm import fl
-
+def executor(cfg: ExperimentConfig) -> fl.Sequential | fl.Vmapped | fl.Sharded:
     return {"sequential": fl.Sequential, "vmap": fl.Vmapped, "sharded": fl.Sharded}[cfg.federated.backend]()
 
 
-def uses_dropout(cfg: ExperimentConfig, model: Any) -> bool:
+def uses_dropout(cfg: ExperimentConfig, model: T5) -> bool:
     return bool(model.config.dropout_rate > 0 or (cfg.lora is not None and cfg.lora.dropout > 0))
 
 
-def build_algorithm(cfg: ExperimentConfig, model: Any):
+def build_algorithm(cfg: ExperimentConfig, model: T5) -> fl.FederatedAlgorithm:
     """The :class:`fl.FederatedAlgorithm`: client AdamW (etc.) on the seq2seq loss, the server optimiser."""
-    from fedjax_fm import fl
-    from fedjax_fm.fl.t5_task import t5_loss_fn
-
     # Without any dropout the loss is deterministic and cheaper (no dropout masks).
     loss_fn = t5_loss_fn(model, dropout=uses_dropout(cfg, model))
     client_update = fl.make_client_update(loss_fn, local_optimizer(cfg))
@@ -259,14 +234,16 @@ def build_algorithm(cfg: ExperimentConfig, model: Any):
     )
 
 
+def train_step_flops(cfg: ExperimentConfig, model: T5, source_length: int, target_length: int) -> float:
+    """Analytic model FLOPs of one local step of ``federated.batch_size`` rows at the given lengths."""
+    return float(count_train_step_flops(model.config, cfg.federated.batch_size, source_length, target_length,
+                                        lora=cfg.lora).total)
+
+
 # ----------------------------------------------------------------------- evaluation
 
 
-def build_evaluator(cfg: ExperimentConfig, model: Any, tokenizer: Any, data: Any):
-    from fedjax_fm.eval.evaluate import Evaluator
-    from fedjax_fm.models.generate import generate
-    from fedjax_fm.models.loss import batch_loss
-
+def build_evaluator(cfg: ExperimentConfig, model: T5, tokenizer: Any, data: FederatedData) -> Evaluator:
     batches, references = [], []
     for batch in data.eval_batches(cfg.eval.batch_size, cfg.eval.max_examples):
         refs = batch.pop("references")
@@ -281,8 +258,12 @@ def build_evaluator(cfg: ExperimentConfig, model: Any, tokenizer: Any, data: Any
         return generate(model, variables, input_ids, attention_mask, max_new_tokens=cfg.eval.max_new_tokens,
                         num_beams=cfg.eval.num_beams, length_penalty=cfg.eval.length_penalty)
 
+    known = len(tokenizer)
+
     def decode(ids):
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        # A model whose vocabulary is larger than its tokenizer's (e.g. ByT5's 259 ids under
+        # a 512-row embedding) may generate ids no tokenizer can spell; they are dropped.
+        return tokenizer.decode([i for i in ids if i < known], skip_special_tokens=True)
 
     return Evaluator(loss_fn, generate_fn, decode, batches, references,
                      eos_id=model.config.eos_token_id, pad_id=model.config.pad_token_id)
@@ -293,16 +274,13 @@ def build_evaluator(cfg: ExperimentConfig, model: Any, tokenizer: Any, data: Any
 
 @dataclasses.dataclass
 class EnergySetup:
-    meter: Any
+    meter: Meter
     label: str
     is_estimate: bool
-    network: Any  # a network profile, or None when unknown
+    network: NetworkProfile
 
 
 def build_energy(cfg: ExperimentConfig, log: Callable[[str], None]) -> EnergySetup:
-    from fedjax_fm.energy.backend import detect_backend, source_label
-    from fedjax_fm.energy.meter import Meter
-
     detection = detect_backend(cfg.energy.backend, constant_watts=cfg.energy.watts, log=None)
     for line in detection.describe().splitlines():
         log(line)
@@ -310,13 +288,11 @@ def build_energy(cfg: ExperimentConfig, log: Callable[[str], None]) -> EnergySet
     meter = Meter(detection.backend, interval_s=cfg.energy.sample_interval_s, peak_flops=peak)
     label = source_label(detection.backend)
     return EnergySetup(meter=meter, label=label, is_estimate=cfg.energy.backend == "constant" or "estimate" in label,
-                       network=_network_profile(cfg, log))
+                       network=_network_profile(cfg))
 
 
 def _device_peak_flops(cfg: ExperimentConfig, log: Callable[[str], None]) -> Optional[float]:
     """The device's peak FLOP/s for MFU: ``energy.peak_flops``, the known-device table, or a cached measurement."""
-    from fedjax_fm.energy.peaks import resolve_peak
-
     peak = resolve_peak(jnp_dtype(cfg.model.dtype), explicit=cfg.energy.peak_flops)
     if peak is None:
         log("MFU: peak FLOP/s of this device unknown (set energy.peak_flops, or measure it once with "
@@ -326,13 +302,9 @@ def _device_peak_flops(cfg: ExperimentConfig, log: Callable[[str], None]) -> Opt
     return peak.flops_per_s
 
 
-def _network_profile(cfg: ExperimentConfig, log: Callable[[str], None]) -> Any:
-    from fedjax_fm.energy.comm import load_network_profiles
-
+def _network_profile(cfg: ExperimentConfig) -> NetworkProfile:
     profiles = load_network_profiles()
     if cfg.energy.network not in profiles:
-        import difflib
-
         close = difflib.get_close_matches(cfg.energy.network, list(profiles), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
@@ -342,29 +314,10 @@ def _network_profile(cfg: ExperimentConfig, log: Callable[[str], None]) -> Any:
     return profiles[cfg.energy.network]
 
 
-def train_step_flops(cfg: ExperimentConfig, model: Any, data: Any) -> Optional[float]:
-    """Analytic model FLOPs of one local step on the run's static batch shape."""
-    from fedjax_fm.models.flops import train_step_flops as count
-
-    shapes = data.batch_shapes()
-    _, batch, source_len = shapes["input_ids"]
-    target_len = shapes["labels"][2]
-    return float(count(model.config, batch, source_len, target_len, lora=lora_config(cfg)).total)
-
-
-def communication(network: Any, bytes_up_per_client: int, bytes_down_per_client: int, clients: int):
-    """The round's :class:`fedjax_fm.energy.comm.CommCost`: clients on parallel links, each
-    moving the same payload (T_comm = the slowest client's, joules summed)."""
-    from fedjax_fm.energy.comm import client_comm_cost, round_comm_cost
-
-    cost = client_comm_cost(bytes_up_per_client, bytes_down_per_client, network)
-    return round_comm_cost([cost] * clients)
-
-
 # --------------------------------------------------------------------------- export
 
 
-def export(cfg: ExperimentConfig, out_dir: Path, model: Any, variables: dict[str, Any], tokenizer: Any,
+def export(cfg: ExperimentConfig, out_dir: Path, model: T5, variables: dict[str, Any], tokenizer: Any,
            log: Callable[[str], None]) -> Path:
     """Hugging Face checkpoint(s) of the final model under ``out_dir``.
 
@@ -373,21 +326,17 @@ def export(cfg: ExperimentConfig, out_dir: Path, model: Any, variables: dict[str
     ``adapter/`` (a PEFT adapter) and ``base/`` (the frozen base it applies to, which the
     adapter's ``base_model_name_or_path`` names unless the base came from the hub).
     """
-    from fedjax_fm.models.hf_io import save_pretrained
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    lora = lora_config(cfg)
+    lora = cfg.lora
     if lora is None:
-        save_pretrained(model, variables["params"], out_dir / "model", tokenizer)
+        hf_io.save_pretrained(model, variables["params"], out_dir / "model", tokenizer)
     else:
-        from fedjax_fm.models import lora as lora_lib
-
         merged = lora_lib.merge_lora(variables["params"], variables["lora"], lora)
-        save_pretrained(model, merged, out_dir / "model", tokenizer)
+        hf_io.save_pretrained(model, merged, out_dir / "model", tokenizer)
         if wants_pretrained(cfg) and not Path(cfg.model.name).is_dir():
             base_name = cfg.model.name  # a hub id: PEFT fetches the base itself
         else:
-            save_pretrained(model, variables["params"], out_dir / "base", tokenizer)
+            hf_io.save_pretrained(model, variables["params"], out_dir / "base", tokenizer)
             base_name = str((out_dir / "base").resolve())
         lora_lib.save_peft_adapter(variables["lora"], lora, out_dir / "adapter", base_model_name_or_path=base_name)
         if tokenizer is not None:

@@ -1,96 +1,28 @@
-"""The power-backend interface, the two trivial backends and auto-detection.
-
-A backend answers one question, cheaply, whenever the sampler asks: what does the
-hardware say *now*? ``sample()`` returns instantaneous watts per rail and/or
-cumulative energy counters per rail. Where a counter exists (NVML's total energy
-on Volta+, RAPL's ``energy_uj``) the meter uses it for joules and keeps the watts
-as the trace; otherwise it integrates the watts (trapezoid rule).
+"""Choosing a power backend: by name, or auto-detection with the reason for each skip.
 
 Auto-detection tries, in order: NVML, Jetson INA3221, RAPL, then ``constant``
 (only when the user declared watts), then ``none`` -- and reports why each
-skipped backend was skipped.
+skipped backend was skipped. The types live in :mod:`fedjax_fm.energy.base`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
+from fedjax_fm.energy.base import (
+    BACKEND_NAMES,
+    ConstantBackend,
+    NoneBackend,
+    PowerBackend,
+    PowerBackendUnavailable,
+    source_label,
+)
+from fedjax_fm.energy.jetson import JetsonBackend
+from fedjax_fm.energy.nvml import NvmlBackend
+from fedjax_fm.energy.rapl import RaplBackend
 from fedjax_fm.energy.sysfs import Reader, read_text
-
-BACKEND_NAMES = ("nvml", "jetson", "rapl", "constant", "none")
-
-
-class PowerBackendUnavailable(RuntimeError):
-    """A backend cannot read power on this machine; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PowerSample:
-    """One reading. ``watts``: instantaneous power per rail (None if the source has
-    none, e.g. RAPL). ``counters_j``: cumulative energy per rail in joules (None if
-    the source keeps no counter)."""
-
-    watts: dict[str, float] | None
-    counters_j: dict[str, float] | None = None
-
-
-class PowerBackend(Protocol):
-    """What the sampler needs from a power source."""
-
-    name: str
-    is_estimate: bool
-    #: rails whose sum is the device total (others are sub-rails, kept per rail only).
-    total_rails: tuple[str, ...]
-    #: counter range per rail in joules, for wrap-around (None: never wraps).
-    counter_range_j: dict[str, float] | None
-
-    def sample(self) -> PowerSample: ...
-
-    def close(self) -> None: ...
-
-
-@dataclasses.dataclass
-class ConstantBackend:
-    """User-declared constant power. Every figure derived from it is an estimate."""
-
-    watts: float
-    name: str = "constant"
-    is_estimate: bool = True
-    total_rails: tuple[str, ...] = ("declared",)
-    counter_range_j: dict[str, float] | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.watts > 0):
-            raise ValueError(f"constant power backend needs watts > 0, got {self.watts!r}")
-
-    def sample(self) -> PowerSample:
-        return PowerSample(watts={"declared": float(self.watts)})
-
-    def close(self) -> None:
-        pass
-
-
-@dataclasses.dataclass
-class NoneBackend:
-    """No power source: every energy field of a metered call is null."""
-
-    name: str = "none"
-    is_estimate: bool = False
-    total_rails: tuple[str, ...] = ()
-    counter_range_j: dict[str, float] | None = None
-
-    def sample(self) -> PowerSample:
-        return PowerSample(watts=None)
-
-    def close(self) -> None:
-        pass
-
-
-def source_label(backend: PowerBackend) -> str:
-    """The ``energy_source`` string written next to every figure."""
-    return f"{backend.name} (estimate)" if backend.is_estimate else backend.name
 
 
 @dataclasses.dataclass
@@ -116,11 +48,6 @@ def make_backend(
     nvml_device_indices: Sequence[int] | None = None,
 ) -> PowerBackend:
     """One named backend, or ``PowerBackendUnavailable`` saying why it cannot read."""
-    # Imported here: each backend module is small, and NVML's import is itself lazy.
-    from fedjax_fm.energy.jetson import JetsonBackend
-    from fedjax_fm.energy.nvml import NvmlBackend
-    from fedjax_fm.energy.rapl import RaplBackend
-
     if kind == "nvml":
         return NvmlBackend(device_indices=nvml_device_indices, nvml=nvml_module)
     if kind == "jetson":

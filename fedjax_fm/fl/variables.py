@@ -1,4 +1,4 @@
-"""Trainable / frozen partition of model variables.
+"""Variable trees: the trainable / frozen partition, and their exact size in bytes.
 
 Variables are Flax-style collections: ``{"params": base}`` for full fine-tuning,
 ``{"params": base, "lora": adapters}`` with LoRA. The partition is by collection:
@@ -10,6 +10,9 @@ both: only this split differs.
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+import jax
+import numpy as np
 
 Variables = dict[str, Any]
 
@@ -36,3 +39,14 @@ def join_variables(trainable: Variables, frozen: Variables) -> Variables:
 def trainable_collections(lora: bool) -> tuple[str, ...]:
     """``("lora",)`` for LoRA, ``("params",)`` for full fine-tuning."""
     return ("lora",) if lora else ("params",)
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Exact size of a pytree in bytes, ``Σ size · itemsize`` over its leaves, a host integer.
+
+    This is what a payload costs on the wire (with LoRA only the adapters travel), so
+    the communication model and every codec count bytes with it. Only shapes and
+    dtypes are read: nothing is transferred from a device.
+    """
+    return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(np.shape(leaf))) if hasattr(leaf, "dtype")
+                   else np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(tree)))

@@ -136,7 +136,9 @@ def _save_round_plot(fig: Any, ax: Any, title: str, path: Path) -> Path:
     return path
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def format_value(value: Any, digits: int = 2) -> str:
+    """A figure for a table or a console line: ``–`` when unknown, ``digits`` decimals, 3 significant
+    digits when very large or small."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -174,17 +176,17 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
         cells = [
             label,
             str(rounds),
-            _fmt(final.get("rouge1")),
-            _fmt(final.get("rouge2")),
-            _fmt(final.get("rougeL")),
-            _fmt(final.get("rougeLsum")),
-            f"{_fmt(best['rougeL'])} ({best['round']})" if best else "–",
-            _fmt(final.get("eval_loss"), 3),
-            _fmt(totals.get("compute_joules", totals.get("joules"))),
-            _fmt(totals.get("comm_joules")),
-            _fmt(totals.get("seconds")),
-            _fmt(up / 1e6 if up is not None else None, 3),
-            _fmt(down / 1e6 if down is not None else None, 3),
+            format_value(final.get("rouge1")),
+            format_value(final.get("rouge2")),
+            format_value(final.get("rougeL")),
+            format_value(final.get("rougeLsum")),
+            f"{format_value(best['rougeL'])} ({best['round']})" if best else "–",
+            format_value(final.get("eval_loss"), 3),
+            format_value(totals.get("compute_joules", totals.get("joules"))),
+            format_value(totals.get("comm_joules")),
+            format_value(totals.get("seconds")),
+            format_value(up / 1e6 if up is not None else None, 3),
+            format_value(down / 1e6 if down is not None else None, 3),
             f"`{fingerprint[:12]}…`" if fingerprint else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")

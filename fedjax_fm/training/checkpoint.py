@@ -6,7 +6,7 @@ kill mid-write leaves no half checkpoint that looks finished), keeping the newes
 ``keep``. Each checkpoint holds two items:
 
 * ``arrays``: the state's leaves, ``leaf_00000 ...`` in canonical (sorted key-path)
-  order — see :mod:`fedjax_fm.fingerprint` — saved bit-exactly;
+  order — see :mod:`fedjax_fm.training.fingerprint` — saved bit-exactly;
 * ``meta`` (JSON): the round, each leaf's name/dtype/shape, the metrics rows so far,
   and the config's fingerprint-relevant sections.
 
@@ -24,6 +24,7 @@ re-wrapped on restore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -34,10 +35,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedjax_fm.fingerprint import key_path_name, named_leaves
+from fedjax_fm.training.fingerprint import key_path_name, named_leaves
 
-# Orbax logs every save at INFO through absl; a run's own progress line is enough.
-logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs every save and restore at INFO through absl; a run's own progress line
+    is enough. Raised only around our orbax calls and restored after, so importing or
+    using this module never changes the log level the rest of the program chose."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class CheckpointError(RuntimeError):
@@ -81,11 +94,13 @@ class CheckpointStore:
             # kill right after it loses nothing and the test of resume is meaningful.
             enable_async_checkpointing=False,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+        with _quiet_orbax():
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
 
     def all_rounds(self) -> list[int]:
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+        with _quiet_orbax():
+            self._manager.reload()
+            return sorted(self._manager.all_steps())
 
     def save(
         self,
@@ -109,12 +124,13 @@ class CheckpointStore:
             dtype, shape = _leaf_spec(leaf)
             leaves_meta.append({"name": name, "dtype": dtype, "shape": shape})
         meta = {"round": int(round_), "leaves": leaves_meta, "metrics": metrics, **(extra_meta or {})}
-        saved = self._manager.save(
-            round_,
-            args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        with _quiet_orbax():
+            saved = self._manager.save(
+                round_,
+                args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
         return bool(saved)
 
     def _step_path(self, round_: int) -> Path:
@@ -124,7 +140,8 @@ class CheckpointStore:
         """Restores the checkpoint of ``round_`` into the structure of ``template``."""
         path = self._step_path(round_)
         try:
-            meta = self._manager.restore(round_, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            with _quiet_orbax():
+                meta = self._manager.restore(round_, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as error:  # orbax raises many kinds for a damaged directory
             raise CheckpointError(f"checkpoint {path} is unreadable (its metadata): {error}") from error
         named = named_leaves(template)
@@ -145,10 +162,11 @@ class CheckpointStore:
             f"leaf_{i:05d}": ocp.RestoreArgs(restore_type=np.ndarray) for i in range(len(named))
         }
         try:
-            arrays = self._manager.restore(
-                round_,
-                args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=restore_args)),
-            )["arrays"]
+            with _quiet_orbax():
+                arrays = self._manager.restore(
+                    round_,
+                    args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=restore_args)),
+                )["arrays"]
         except Exception as error:
             raise CheckpointError(f"checkpoint {path} is unreadable (its arrays): {error}") from error
         by_name = {}
@@ -194,4 +212,5 @@ class CheckpointStore:
         )
 
     def close(self) -> None:
-        self._manager.close()
+        with _quiet_orbax():
+            self._manager.close()

@@ -1,0 +1,186 @@
+"""The run layer shared by simulation and deployment: one record, one MFU, clean floors.
+
+The deployment half runs without a network: two real ``DeviceClient``s train their
+round (the code a SuperNode runs) and the ``DeployStrategy`` records it as Flower's
+``aggregate_fit`` would, so the server's bookkeeping is the one under test.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.common import FitIns
+
+from fedjax_fm.config import load_config
+from fedjax_fm.data.local_files import write_jsonl
+from fedjax_fm.deploy.client import DeviceClient
+from fedjax_fm.deploy.server import DeployStrategy, _RoundPlan
+from fedjax_fm.deploy.wire import decode_tree, encode_tree, payload_bytes
+from fedjax_fm.training.experiment import run_experiment
+from fedjax_fm.training.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK = 1.0e11  # declared peak FLOP/s, so that MFU is a number on any machine
+CLIENTS = {"alice": 5, "bob": 7}
+
+CONFIG = """\
+seed: 5
+model: {{name: tiny, init: random, tokenizer: byt5, vocab_size: 512}}
+lora: {{rank: 4, alpha: 8.0, dropout: 0.0, target_modules: [q, v]}}
+data:
+  source: {{kind: client_folder, path: {folder}, eval_path: {eval}}}
+  partition: {{method: natural}}
+  max_input_length: 48
+  max_target_length: 16
+federated:
+  rounds: 1
+  num_clients: 2
+  clients_per_round: 2
+  local_steps: 2
+  local_epochs: null
+  batch_size: 4
+  local_optimizer: {{name: adamw, learning_rate: 1.0e-2}}
+eval: {{every: 1, at_start: false, max_examples: 2, batch_size: 2, max_new_tokens: 4}}
+energy: {{backend: constant, watts: 7.5, network: wifi5, peak_flops: {peak}}}
+output: {{export: false, plots: false, progress: false}}
+"""
+
+
+def _examples(client: str, n: int) -> list[dict]:
+    return [{"id": str(i), "dialogue": f"{client.title()}: note {i} about item {i * 7 % 5}. Ok.",
+             "summary": f"{client} item {i * 7 % 5}"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("world")
+    for client, n in CLIENTS.items():
+        write_jsonl(tmp / "clients" / f"{client}.jsonl", _examples(client, n))
+    write_jsonl(tmp / "eval.jsonl", _examples("eve", 2))
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG.format(folder=tmp / "clients", eval=tmp / "eval.jsonl", peak=PEAK))
+    return tmp, config
+
+
+@pytest.fixture(scope="module")
+def deployed(world) -> Path:
+    """One deployed round: each device trains for real, the strategy records it."""
+    tmp, config = world
+    cfg = load_config(config)
+    out = tmp / "deployed"
+    strategy = DeployStrategy(cfg, out, list(CLIENTS), log=lambda message: None)
+    payload = encode_tree(strategy.state.params)
+    names = sorted(CLIENTS)
+    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
+                               bytes_down_each=payload_bytes(payload), absent=[], nodes={}, rejected=[])
+    updates = []
+    for position, name in enumerate(names):
+        device = DeviceClient(cfg, str(tmp / "clients"), name, log=lambda message: None)
+        res = device.fit(FitIns(payload, {"round_index": 0, "seed": cfg.seed, "position": position,
+                                          "overrides": ""}))
+        updates.append((name, decode_tree(res.parameters, strategy.state.params), res))
+    strategy._finish_round(updates, [], [])
+    strategy.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def simulated(world) -> Path:
+    tmp, config = world
+    out = tmp / "simulated"
+    run_experiment(load_config(config), out)
+    return out
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deploy_summary_has_the_simulation_totals(deployed, simulated):
+    deploy_totals, sim_totals = _summary(deployed)["totals"], _summary(simulated)["totals"]
+    assert set(sim_totals) <= set(deploy_totals)
+    assert set(deploy_totals) - set(sim_totals) == {"bytes_up_sent", "bytes_down_sent"}
+    for key in ("seconds", "joules", "compute_joules", "client_joules", "server_joules", "comm_joules"):
+        assert deploy_totals[key] is not None and deploy_totals[key] > 0, key
+    assert deploy_totals["compute_joules"] == pytest.approx(deploy_totals["client_joules"] + deploy_totals["server_joules"])
+    # Both written by the same RunRecorder: the same core fields (a deployment has no data, examples or export).
+    core = set(_summary(simulated)) - {"data", "examples", "export", "process_seconds"}
+    assert core <= set(_summary(deployed))
+
+
+def test_report_shows_compute_joules_and_total_seconds_of_a_deploy_run(deployed, tmp_path):
+    report = write_report([deployed], tmp_path / "report").read_text()
+    header, _, row = [line for line in report.splitlines() if line.startswith("|")][:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    totals = _summary(deployed)["totals"]
+    assert cells["compute J"] == f"{totals['compute_joules']:.2f}"
+    assert cells["total s"] == f"{totals['seconds']:.2f}"
+
+
+def test_deploy_and_simulation_compute_mfu_the_same_way(deployed, simulated):
+    """MFU = useful FLOPs / device-seconds / peak: Σ over the devices' reports, one call in simulation."""
+    deployed_row = _rows(deployed)[-1]
+    reports = deployed_row["client_reports"]
+    assert len(reports) == 2 and all(r["peak_flops"] == PEAK for r in reports)
+    flops, seconds = sum(r["model_flops"] for r in reports), sum(r["seconds"] for r in reports)
+    assert deployed_row["model_flops"] == pytest.approx(flops)
+    assert deployed_row["mfu"] == pytest.approx(flops / seconds / PEAK, rel=1e-12)
+    # Not the mean of the devices' MFUs, unless they happened to run equally long.
+    simulated_row = _rows(simulated)[-1]
+    assert simulated_row["mfu"] == pytest.approx(
+        simulated_row["model_flops"] / simulated_row["client_seconds"] / PEAK, rel=1e-12)
+    # The same round on the same data: the same useful work, counted by the same function.
+    assert simulated_row["model_flops"] == pytest.approx(deployed_row["model_flops"])
+    assert simulated_row["tokens"] == pytest.approx(deployed_row["tokens"])
+
+
+def test_importing_the_checkpoint_module_leaves_absl_logging_alone(tmp_path):
+    code = (
+        "import logging; logging.getLogger('absl').setLevel(logging.DEBUG)\n"
+        "import numpy as np\n"
+        "from fedjax_fm.training.checkpoint import CheckpointStore\n"
+        "assert logging.getLogger('absl').level == logging.DEBUG, 'import'\n"
+        f"store = CheckpointStore({str(tmp_path / 'ckpt')!r})\n"
+        "store.save(1, {'w': np.ones(3, np.float32)}, [])\n"
+        "store.close()\n"
+        "assert logging.getLogger('absl').level == logging.DEBUG, 'use'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert logging.getLogger("absl").level is not None
+
+
+def _imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def test_no_module_imports_from_a_floor_above_it():
+    package = REPO / "fedjax_fm"
+    above = {"models": ("training", "deploy", "cli"), "fl": ("training", "deploy", "cli"),
+             "data": ("training", "deploy", "cli"), "energy": ("training", "deploy", "cli"),
+             "eval": ("training", "deploy", "cli"), "training": ("deploy", "cli")}
+    offences = []
+    for floor, forbidden in above.items():
+        for path in sorted((package / floor).rglob("*.py")):
+            for module in _imports(path):
+                if any(module == f"fedjax_fm.{f}" or module.startswith(f"fedjax_fm.{f}.") for f in forbidden):
+                    offences.append(f"{path.relative_to(REPO)} imports {module}")
+    assert offences == []
