@@ -1,4 +1,4 @@
-"""Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends.
+"""Federated core: client update, aggregation, server optimisers, update codecs, sampling, algorithms, execution backends.
 
 Typical use (see ``docs/federated.md``)::
 
@@ -25,6 +25,25 @@ from fedjax_fm.fl.algorithm import (
     tree_bytes,
 )
 from fedjax_fm.fl.client import batch_counts, client_optimizer, make_client_update
+from fedjax_fm.fl.codecs import (
+    Codec,
+    bf16,
+    chain,
+    downlink_bytes,
+    encoded_bytes,
+    ffa_lora,
+    freeze_lora_a,
+    identity,
+    init_client_states,
+    lora_a_mask,
+    make_codec,
+    payload_bytes,
+    put_client_states,
+    quantize,
+    roundtrip,
+    take_client_states,
+    topk,
+)
 from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
 from fedjax_fm.fl.partition import join_variables, split_variables, trainable_collections
 from fedjax_fm.fl.sampling import sample_clients
@@ -45,6 +64,7 @@ __all__ = [
     "SERVER_STREAM",
     "AggregateResult",
     "ClientOutputs",
+    "Codec",
     "FederatedAlgorithm",
     "Sequential",
     "ServerState",
@@ -52,23 +72,39 @@ __all__ = [
     "Vmapped",
     "aggregate",
     "batch_counts",
+    "bf16",
+    "chain",
     "client_is_finite",
     "client_mesh",
     "client_optimizer",
     "client_rngs",
+    "downlink_bytes",
+    "encoded_bytes",
     "fedadagrad",
     "fedadam",
     "fedadamw",
     "fedavg",
     "fedavgm",
     "fedyogi",
+    "ffa_lora",
+    "freeze_lora_a",
+    "identity",
+    "init_client_states",
     "join_variables",
+    "lora_a_mask",
     "make_aggregator",
     "make_client_update",
+    "make_codec",
+    "payload_bytes",
+    "put_client_states",
+    "quantize",
+    "roundtrip",
     "sample_clients",
     "scale_by_reddi_adaptive",
     "server_optimizer",
     "split_variables",
-    "tree_bytes",
+    "take_client_states",
+    "topk",
     "trainable_collections",
+    "tree_bytes",
 ]
