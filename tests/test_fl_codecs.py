@@ -37,7 +37,8 @@ def _quantized_nodes(payload):
 
 @pytest.mark.parametrize(
     "bits,block_size,rotation",
-    [(8, None, "none"), (4, 16, "none"), (2, 16, "none"), (3, None, "none"), (2, 16, "hadamard"), (4, None, "hadamard")],
+    [(8, None, "none"), (4, 16, "none"), (2, 16, "none"), (3, None, "none"),
+     (2, 16, "hadamard"), (4, None, "hadamard")],
 )
 def test_quantizer_is_unbiased(bits, block_size, rotation):
     x = _delta()
@@ -48,10 +49,11 @@ def test_quantizer_is_unbiased(bits, block_size, rotation):
     # Per coordinate Var ≤ step²/4 (rotated: the rotated block's step), so σ ≤ max step / 2.
     sigma = float(jnp.max(_quantized_nodes(payload)[0].step)) / 2
     assert sigma > 0
+    tolerance = 5 * sigma / math.sqrt(n)
     error_of_mean = np.abs(np.asarray(jnp.mean(decoded, axis=0) - x))
-    assert error_of_mean.max() <= 5 * sigma / math.sqrt(n) + 1e-6
-    # ... while single draws are genuinely lossy (the test is not vacuous).
-    assert float(jnp.max(jnp.abs(decoded[0] - x))) > 10 * 5 * sigma / math.sqrt(n) / bits
+    assert error_of_mean.max() <= tolerance + 1e-6
+    # ... while single draws are far off (the test is not vacuous).
+    assert float(jnp.max(jnp.abs(decoded[0] - x))) > 2 * tolerance
 
 
 def test_32_bits_is_the_identity():

@@ -156,7 +156,11 @@ def identity() -> Codec:
 
 
 def bf16() -> Codec:
-    """bfloat16 transport: ``|decode(encode(x)) − x| ≤ 2⁻⁸ |x|`` per element (8-bit mantissa, round to nearest)."""
+    """bfloat16 transport: ``|decode(encode(x)) − x| ≤ 2⁻⁸ |x|`` per element.
+
+    bfloat16 keeps 8 significant bits and rounds to nearest even (unit roundoff
+    2⁻⁸); its exponent range is float32's, so nothing overflows.
+    """
 
     def encode(delta: Params, state: tuple, rng: jax.Array) -> tuple[Payload, tuple]:
         cast = lambda x, key: Cast(x.astype(jnp.bfloat16), jnp.dtype(x.dtype).name)  # noqa: E731
@@ -334,6 +338,7 @@ def quantize(bits: int = 8, block_size: int | None = None, rotation: str = "none
     rotate = rotation == "hadamard"
 
     def encode(delta: Params, state: tuple, rng: jax.Array) -> tuple[Payload, tuple]:
+        chex.assert_shape(rng, (2,))  # a raw PRNGKey: the rounding draws (and rotation seed) come from it
         leaf = lambda x, key: _quantize_leaf(x, key, bits, block_size, rotate)  # noqa: E731
         return _map_float_leaves(leaf, delta, rng), state
 
@@ -472,6 +477,9 @@ def chain(*codecs: Codec) -> Codec:
     ``chain(topk(0.01), quantize(8))`` sends 8-bit values and int32 indices;
     ``chain(ffa_lora(), quantize(8))`` sends 8-bit B leaves. The state is the tuple
     of the parts' states; each part draws from its own ``fold_in(rng, i)``.
+
+    Order matters: drop or sparsify first, quantise last. A codec after
+    ``quantize`` would treat its float32 scales as data (and ``topk`` its codes).
     """
     if not codecs:
         raise ValueError("chain needs at least one codec")
@@ -527,6 +535,7 @@ def downlink_bytes(params: Params, codec: Codec | None = None) -> int:
 
 def roundtrip(codec: Codec, delta: Params, state: CodecState, rng: jax.Array) -> tuple[Params, CodecState, Payload]:
     """``decode(encode(delta))`` with the new state and the payload (for its bytes); pure, jit/vmap-able."""
+    chex.assert_shape(rng, (2,))
     payload, new_state = codec.encode(delta, state, rng)
     return codec.decode(payload), new_state, payload
 
@@ -578,7 +587,8 @@ def _check_block_size(block_size: Any, prefix: str = _PREFIX) -> None:
     if block_size is not None and (
         isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1
     ):
-        raise _spec_error("block_size", f"must be a positive integer or null (whole tensor), got {block_size!r}", prefix)
+        raise _spec_error("block_size", f"must be a positive integer or null (whole tensor), got {block_size!r}",
+                          prefix)
 
 
 def _check_fraction(fraction: Any, prefix: str = _PREFIX) -> None:
