@@ -1,4 +1,4 @@
-"""Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends.
+"""Federated core: client update, aggregation, server optimisers, update codecs, sampling, algorithms, execution backends.
 
 Typical use (see ``docs/federated.md``)::
 
@@ -24,6 +24,24 @@ from fedjax_fm.fl.algorithm import (
     make_aggregator,
 )
 from fedjax_fm.fl.client import batch_counts, client_optimizer, make_client_update
+from fedjax_fm.fl.codecs import (
+    Codec,
+    bf16,
+    chain,
+    downlink_bytes,
+    encoded_bytes,
+    ffa_lora,
+    freeze_lora_a,
+    identity,
+    init_client_states,
+    lora_a_mask,
+    make_codec,
+    put_client_states,
+    quantize,
+    roundtrip,
+    take_client_states,
+    topk,
+)
 from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
 from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections, tree_nbytes
 from fedjax_fm.fl.sampling import sample_clients
@@ -44,6 +62,7 @@ __all__ = [
     "SERVER_STREAM",
     "AggregateResult",
     "ClientOutputs",
+    "Codec",
     "FederatedAlgorithm",
     "Sequential",
     "ServerState",
@@ -51,23 +70,38 @@ __all__ = [
     "Vmapped",
     "aggregate",
     "batch_counts",
+    "bf16",
+    "chain",
     "client_is_finite",
     "client_mesh",
     "client_optimizer",
     "client_rngs",
+    "downlink_bytes",
+    "encoded_bytes",
     "fedadagrad",
     "fedadam",
     "fedadamw",
     "fedavg",
     "fedavgm",
     "fedyogi",
+    "ffa_lora",
+    "freeze_lora_a",
+    "identity",
+    "init_client_states",
     "join_variables",
+    "lora_a_mask",
     "make_aggregator",
     "make_client_update",
+    "make_codec",
+    "put_client_states",
+    "quantize",
+    "roundtrip",
     "sample_clients",
     "scale_by_reddi_adaptive",
     "server_optimizer",
     "split_variables",
+    "take_client_states",
+    "topk",
     "trainable_collections",
     "tree_nbytes",
 ]
