@@ -1,5 +1,8 @@
 """Federated core: client update, aggregation, server optimisers, sampling, algorithms, execution backends.
 
+Differential privacy (DP-FedAvg, adaptive clipping, Poisson sampling, the
+accountant) lives in ``privacy.py``, ``sampling.py`` and ``accountant.py``.
+
 Typical use (see ``docs/federated.md``)::
 
     from fedjax_fm import fl
@@ -15,6 +18,15 @@ Typical use (see ``docs/federated.md``)::
     state, metrics = algorithm.round(state, frozen, batches_for(ids), ids)
 """
 
+from fedjax_fm.fl.accountant import (
+    DPConfigError,
+    PrivacyLedger,
+    epsilon,
+    make_accountant,
+    max_rounds_within,
+    round_event,
+    validate_dp_config,
+)
 from fedjax_fm.fl.aggregation import AggregateResult, aggregate, client_is_finite
 from fedjax_fm.fl.algorithm import (
     SERVER_STREAM,
@@ -27,7 +39,20 @@ from fedjax_fm.fl.algorithm import (
 from fedjax_fm.fl.client import batch_counts, client_optimizer, make_client_update
 from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
 from fedjax_fm.fl.partition import join_variables, split_variables, trainable_collections
-from fedjax_fm.fl.sampling import sample_clients
+from fedjax_fm.fl.privacy import (
+    AdaptiveClipping,
+    DPAggregateResult,
+    DPAggregator,
+    DPClipState,
+    clip_deltas,
+    client_norms,
+    dp_aggregate,
+    dp_fedavg_aggregator,
+    effective_noise_multiplier,
+    make_dp_aggregator,
+    update_noise_multiplier,
+)
+from fedjax_fm.fl.sampling import PoissonSample, poisson_max_clients, poisson_sample_clients, sample_clients
 from fedjax_fm.fl.server_optimizers import (
     SERVER_OPTIMIZERS,
     fedadagrad,
@@ -43,9 +68,16 @@ from fedjax_fm.fl.server_optimizers import (
 __all__ = [
     "SERVER_OPTIMIZERS",
     "SERVER_STREAM",
+    "AdaptiveClipping",
     "AggregateResult",
     "ClientOutputs",
+    "DPAggregateResult",
+    "DPAggregator",
+    "DPClipState",
+    "DPConfigError",
     "FederatedAlgorithm",
+    "PoissonSample",
+    "PrivacyLedger",
     "Sequential",
     "ServerState",
     "Sharded",
@@ -54,8 +86,14 @@ __all__ = [
     "batch_counts",
     "client_is_finite",
     "client_mesh",
+    "client_norms",
     "client_optimizer",
     "client_rngs",
+    "clip_deltas",
+    "dp_aggregate",
+    "dp_fedavg_aggregator",
+    "effective_noise_multiplier",
+    "epsilon",
     "fedadagrad",
     "fedadam",
     "fedadamw",
@@ -63,12 +101,20 @@ __all__ = [
     "fedavgm",
     "fedyogi",
     "join_variables",
+    "make_accountant",
     "make_aggregator",
     "make_client_update",
+    "make_dp_aggregator",
+    "max_rounds_within",
+    "poisson_max_clients",
+    "poisson_sample_clients",
+    "round_event",
     "sample_clients",
     "scale_by_reddi_adaptive",
     "server_optimizer",
     "split_variables",
-    "tree_bytes",
     "trainable_collections",
+    "tree_bytes",
+    "update_noise_multiplier",
+    "validate_dp_config",
 ]
