@@ -1,5 +1,8 @@
 """Federated core: client update, aggregation, server optimisers, update codecs, sampling, algorithms, execution backends.
 
+Differential privacy (DP-FedAvg, adaptive clipping, Poisson sampling, the
+accountant) lives in ``privacy.py``, ``sampling.py`` and ``accountant.py``.
+
 Typical use (see ``docs/federated.md``)::
 
     from fedjax_fm import fl
@@ -15,6 +18,15 @@ Typical use (see ``docs/federated.md``)::
     state, metrics = algorithm.round(state, frozen, batches_for(ids), ids)
 """
 
+from fedjax_fm.fl.accountant import (
+    DPConfigError,
+    PrivacyLedger,
+    epsilon,
+    make_accountant,
+    max_rounds_within,
+    round_event,
+    validate_dp_config,
+)
 from fedjax_fm.fl.aggregation import AggregateResult, aggregate, client_is_finite
 from fedjax_fm.fl.algorithm import (
     SERVER_STREAM,
@@ -44,7 +56,20 @@ from fedjax_fm.fl.codecs import (
 )
 from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
 from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections, tree_nbytes
-from fedjax_fm.fl.sampling import sample_clients
+from fedjax_fm.fl.privacy import (
+    AdaptiveClipping,
+    DPAggregateResult,
+    DPAggregator,
+    DPClipState,
+    clip_deltas,
+    client_norms,
+    dp_aggregate,
+    dp_fedavg_aggregator,
+    effective_noise_multiplier,
+    make_dp_aggregator,
+    update_noise_multiplier,
+)
+from fedjax_fm.fl.sampling import PoissonSample, poisson_max_clients, poisson_sample_clients, sample_clients
 from fedjax_fm.fl.server_optimizers import (
     SERVER_OPTIMIZERS,
     fedadagrad,
@@ -60,10 +85,17 @@ from fedjax_fm.fl.server_optimizers import (
 __all__ = [
     "SERVER_OPTIMIZERS",
     "SERVER_STREAM",
+    "AdaptiveClipping",
     "AggregateResult",
     "ClientOutputs",
     "Codec",
+    "DPAggregateResult",
+    "DPAggregator",
+    "DPClipState",
+    "DPConfigError",
     "FederatedAlgorithm",
+    "PoissonSample",
+    "PrivacyLedger",
     "Sequential",
     "ServerState",
     "Sharded",
@@ -74,10 +106,16 @@ __all__ = [
     "chain",
     "client_is_finite",
     "client_mesh",
+    "client_norms",
     "client_optimizer",
     "client_rngs",
+    "clip_deltas",
     "downlink_bytes",
+    "dp_aggregate",
+    "dp_fedavg_aggregator",
+    "effective_noise_multiplier",
     "encoded_bytes",
+    "epsilon",
     "fedadagrad",
     "fedadam",
     "fedadamw",
@@ -90,11 +128,17 @@ __all__ = [
     "init_client_states",
     "join_variables",
     "lora_a_mask",
+    "make_accountant",
     "make_aggregator",
     "make_client_update",
     "make_codec",
+    "make_dp_aggregator",
+    "max_rounds_within",
+    "poisson_max_clients",
+    "poisson_sample_clients",
     "put_client_states",
     "quantize",
+    "round_event",
     "roundtrip",
     "sample_clients",
     "scale_by_reddi_adaptive",
@@ -104,4 +148,6 @@ __all__ = [
     "topk",
     "trainable_collections",
     "tree_nbytes",
+    "update_noise_multiplier",
+    "validate_dp_config",
 ]

@@ -15,8 +15,8 @@ One round ``t`` with sampled client ids ``c_1..c_K``::
     u, s_{t+1} = server_optimizer.update(g, s_t, x_t);  x_{t+1} = x_t + u   (if applied)
 
 To change an algorithm, wrap a piece in plain Python and build a new
-:class:`FederatedAlgorithm` (``docs/federated.md`` shows FedProx, update clipping
-and DP-FedAvg).
+:class:`FederatedAlgorithm` (``docs/federated.md`` shows FedProx and update
+clipping; DP-FedAvg with its accountant is in ``fl/privacy.py`` and ``fl/accountant.py``).
 """
 
 from __future__ import annotations
