@@ -273,9 +273,10 @@ def pack_round(
 ) -> PackedRows:
     """One client's round of packed local work (``num_rows = steps * R`` rows).
 
-    All randomness comes from ``default_rng([seed, round_index, client])``: first the
-    example stream (``batching.round_slots``: consecutive permutations of the client's
-    examples), then the window shuffles of :func:`pack_rows`.
+    All randomness comes from the seed, round and client: the example stream is
+    ``batching.round_slots``' (consecutive permutations of the client's examples from
+    ``default_rng([seed, round_index, client])``), the window shuffles of
+    :func:`pack_rows` use ``default_rng([seed, round_index, client, 0x9ACC])``.
 
     * ``num_examples=None`` (``local_steps``): the stream holds enough examples to fill
       every row (``num_rows`` times the most examples a row can take); what does not
