@@ -16,6 +16,15 @@ from fedjax_fm.data.federated import (
     prefetch_round_batches,
 )
 from fedjax_fm.data.local_files import read_client_folder, read_examples, write_jsonl
+from fedjax_fm.data.packing import (
+    PackedRows,
+    PackingSpec,
+    pack_examples,
+    pack_round,
+    packed_example_count,
+    padding_efficiency,
+    rows_needed,
+)
 from fedjax_fm.data.partition import (
     Partition,
     dirichlet_group_partition,
@@ -46,4 +55,6 @@ __all__ = [
     "load_tfds", "natural_partition", "partition_examples", "prefetch_round_batches", "prepare_tfds", "read_client_folder", "read_examples",
     "real_examples_per_round", "round_slots", "synthetic_corpus", "synthetic_dialogue", "synthetic_examples",
     "synthetic_tokenizer", "tokenize_examples", "write_jsonl",
+    "PackedRows", "PackingSpec", "pack_examples", "pack_round", "packed_example_count", "padding_efficiency",
+    "rows_needed",
 ]

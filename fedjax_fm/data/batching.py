@@ -92,8 +92,14 @@ def gather_batches(tokens: TokenizedExamples, indices: np.ndarray, weights: np.n
 
 
 def real_examples_per_round(batches: dict[str, np.ndarray]) -> np.ndarray:
-    """Real examples processed per client in a round: ``example_weight`` summed over steps and batch."""
-    w = batches["example_weight"]
+    """Real examples processed per client in a round: ``example_weight`` summed over steps and batch.
+
+    For packed rows (``decoder_segment_ids`` present, see ``packing.py``) each row's
+    weight counts its segments: ``w · max(decoder_segment_ids)``.
+    """
+    w = np.asarray(batches["example_weight"])
+    if "decoder_segment_ids" in batches:
+        w = w * np.asarray(batches["decoder_segment_ids"]).max(axis=-1)
     return w.reshape(*w.shape[:-2], -1).sum(-1) if w.ndim >= 2 else w.sum()
 
 

@@ -19,7 +19,8 @@ parameters and optimiser state untouched, so clients with less data than the
 static ``[steps, batch]`` shape train on exactly their own examples.
 
 ``num_examples`` = Σ example_weight over all steps (examples processed, FedAvg's
-weight ``n_k``). Metrics (device arrays, no host round-trip): ``loss`` (mean over
+weight ``n_k``); for packed rows (segment ids present) each row counts its segments,
+Σ_rows w · (number of segments in the row). Metrics (device arrays, no host round-trip): ``loss`` (mean over
 active steps), ``tokens`` (Σ (attention_mask + decoder_attention_mask) · weight, when
 those keys exist) and ``steps`` (active steps).
 """
@@ -49,13 +50,22 @@ def batch_counts(batches: Batch) -> tuple[jax.Array, jax.Array]:
     """``(num_examples, tokens)`` of a client's stacked ``[steps, B, ...]`` batches.
 
     tokens = Σ attention_mask·w + Σ decoder_attention_mask·w (the project's TPS
-    definition); keys that are absent contribute nothing.
+    definition; the masks mark real tokens, packed or not); keys that are absent
+    contribute nothing.
+
+    num_examples = Σ w for one example per row; for packed rows (``decoder_segment_ids``
+    present) Σ_rows w · max_t decoder_segment_ids[row, t], the number of examples packed
+    in the row (segment ids run 1..k contiguously; a padding row has none).
     """
     weight = batches["example_weight"].astype(jnp.float32)
     tokens = jnp.zeros([], jnp.float32)
     for key in ("attention_mask", "decoder_attention_mask"):
         if key in batches:
             tokens = tokens + jnp.sum(batches[key].astype(jnp.float32) * weight[..., None])
+    if "decoder_segment_ids" in batches:
+        segments = jnp.max(batches["decoder_segment_ids"], axis=-1).astype(jnp.float32)
+        chex.assert_equal_shape([segments, weight])
+        return jnp.sum(weight * segments), tokens
     return jnp.sum(weight), tokens
 
 

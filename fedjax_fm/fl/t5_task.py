@@ -4,6 +4,9 @@ The core only needs ``loss_fn(trainable, frozen, batch, rng) -> (loss, aux)``.
 For T5 the variables are ``{"params": base}`` (+ ``{"lora": adapters}``); the loss
 is :func:`fedjax_fm.models.loss.batch_loss` (token cross-entropy, mask =
 ``decoder_attention_mask · example_weight``), with dropout driven by ``rng``.
+Packed batches (segment ids, ``fedjax_fm.data.packing``) need nothing extra here:
+``batch_loss`` passes the segment ids to the model and ``fl.batch_counts`` counts
+their segments.
 """
 
 from __future__ import annotations

@@ -23,6 +23,20 @@ The forward pass, per stack (encoder; the decoder adds cross attention)::
 The relative position bias is an embedding [buckets, heads] held by block 0 of each
 stack (bidirectional buckets in the encoder, causal in the decoder); block 0 computes
 the bias once and the other blocks of its stack reuse it, as in Hugging Face.
+
+Packed rows (several examples per row, T5X/seqio style; ``fedjax_fm.data.packing``)
+pass ``encoder_segment_ids`` [B, S] and ``decoder_segment_ids`` [B, T] (1, 2, ... per
+example, 0 = padding; each segment contiguous). Attention then stays inside a segment:
+
+    encoder self:  i -> j  iff  seg_e[i] = seg_e[j] > 0
+    decoder self:  i -> j  iff  seg_d[i] = seg_d[j] > 0  and  j <= i
+    cross:         i -> j  iff  seg_d[i] = seg_e[j] > 0
+
+The relative position bias stays the shared [1, H, Q, K] one computed from row
+indices: inside a contiguous segment starting at row index ``s``, the positions are
+``p = i - s``, so ``p_j - p_i = j - i`` and the bucket of every pair that may attend is
+the one the example would get alone; pairs across segments are masked anyway. So the
+cheap batch-shared bias (and its custom-VJP gradient) serves packed rows unchanged.
 """
 
 from __future__ import annotations
@@ -165,13 +179,30 @@ def _padding_mask(attention_mask: Array | None) -> Array | None:
     return (attention_mask > 0)[:, None, None, :]
 
 
+def segment_mask(query_segment_ids: Array, key_segment_ids: Array) -> Array:
+    """Segment ids [B, Q], [B, K] (0 = padding) -> boolean [B, 1, Q, K] for logits [B, H, Q, K]:
+    ``mask[b, 0, i, j] = (q[b, i] == k[b, j]) and k[b, j] > 0`` (same real segment)."""
+    chex.assert_rank([query_segment_ids, key_segment_ids], 2)
+    chex.assert_equal_shape_prefix([query_segment_ids, key_segment_ids], 1)
+    q = query_segment_ids[:, :, None]
+    k = key_segment_ids[:, None, :]
+    return ((q == k) & (k > 0))[:, None]
+
+
+def _and_masks(a: Array | None, b: Array | None) -> Array | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
 class T5(nn.Module):
     """FLAN-T5 / T5 v1.1 (or original T5 with ``feed_forward_proj='relu'``, tied head).
 
     ``__call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)``
     returns logits [B, T, vocab] in ``config.dtype``. Masks are int/bool [B, S] and
     [B, T] with 1 = real token; ``None`` means no padding. The decoder also applies the
-    causal mask.
+    causal mask. Packed rows also pass ``encoder_segment_ids`` and
+    ``decoder_segment_ids`` (keywords; see the module docstring).
     """
 
     config: T5Config
@@ -187,10 +218,20 @@ class T5(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = LoraDense(c.vocab_size, normal_init(1.0), c.dtype, c.param_dtype, None)
 
-    def encode(self, input_ids: Array, attention_mask: Array | None = None, deterministic: bool = True) -> Array:
-        """Encoder hidden states [B, S, d_model]."""
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
+    ) -> Array:
+        """Encoder hidden states [B, S, d_model]; ``segment_ids`` [B, S] for packed rows."""
         chex.assert_rank(input_ids, 2)
-        return self.encoder(self.shared(input_ids), _padding_mask(attention_mask), deterministic=deterministic)
+        mask = _padding_mask(attention_mask)
+        if segment_ids is not None:
+            chex.assert_equal_shape([input_ids, segment_ids])
+            mask = _and_masks(mask, segment_mask(segment_ids, segment_ids))
+        return self.encoder(self.shared(input_ids), mask, deterministic=deterministic)
 
     def decode(
         self,
@@ -199,18 +240,32 @@ class T5(nn.Module):
         attention_mask: Array | None = None,
         decoder_attention_mask: Array | None = None,
         deterministic: bool = True,
+        decoder_segment_ids: Array | None = None,
+        encoder_segment_ids: Array | None = None,
     ) -> Array:
-        """Teacher-forced decoder logits [B, T, vocab]; ``attention_mask`` is the encoder's."""
+        """Teacher-forced decoder logits [B, T, vocab]; ``attention_mask`` is the encoder's.
+
+        Packed rows give both ``decoder_segment_ids`` [B, T] and ``encoder_segment_ids``
+        [B, S]: self attention is then causal within a segment and cross attention goes
+        from decoder segment k to encoder segment k only.
+        """
         chex.assert_rank(decoder_input_ids, 2)
+        if (decoder_segment_ids is None) != (encoder_segment_ids is None):
+            raise ValueError("packed decoding needs both decoder_segment_ids and encoder_segment_ids (or neither)")
         target_len = decoder_input_ids.shape[1]
         self_mask = jnp.tril(jnp.ones((target_len, target_len), dtype=bool))[None, None]
         if decoder_attention_mask is not None:
             self_mask = self_mask & _padding_mask(decoder_attention_mask)
+        cross_mask = _padding_mask(attention_mask)
+        if decoder_segment_ids is not None:
+            chex.assert_equal_shape([decoder_input_ids, decoder_segment_ids])
+            self_mask = self_mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+            cross_mask = _and_masks(cross_mask, segment_mask(decoder_segment_ids, encoder_segment_ids))
         hidden = self.decoder(
             self.shared(decoder_input_ids),
             self_mask,
             encoder_hidden_states,
-            _padding_mask(attention_mask),
+            cross_mask,
             deterministic=deterministic,
         )
         return self._logits(hidden)
@@ -228,12 +283,22 @@ class T5(nn.Module):
         decoder_input_ids: Array | None = None,
         decoder_attention_mask: Array | None = None,
         deterministic: bool = True,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
     ) -> Array:
         if decoder_input_ids is None:
             raise ValueError("T5 needs decoder_input_ids (labels shifted right; see models.loss.shift_right)")
         chex.assert_equal_shape_prefix([input_ids, decoder_input_ids], 1)
-        encoded = self.encode(input_ids, attention_mask, deterministic)
-        return self.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask, deterministic)
+        encoded = self.encode(input_ids, attention_mask, deterministic, encoder_segment_ids)
+        return self.decode(
+            decoder_input_ids,
+            encoded,
+            attention_mask,
+            decoder_attention_mask,
+            deterministic,
+            decoder_segment_ids,
+            encoder_segment_ids,
+        )
 
     def init_cache(self, encoder_hidden_states: Array, max_length: int) -> DecodeCache:
         """A decoding cache for up to ``max_length`` decoder positions: empty self-attention
