@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
+from pathlib import Path
 
 # subcommand -> (module, registration function)
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,7 +19,40 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("fedjax_fm.training.report", "add_report_command"),
     "bench": ("fedjax_fm.energy.bench", "add_bench_command"),
     "deploy": ("fedjax_fm.deploy.cli", "add_deploy_command"),
+    "use": ("fedjax_fm.training.use", "add_use_commands"),  # summarize, eval
 }
+
+
+def version() -> str:
+    """The installed package's version (``pyproject.toml``)."""
+    try:
+        return metadata.version("fedjax-fm")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+# Where the shipped experiment files are: beside the package in a source checkout.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _presets_command(args: argparse.Namespace) -> int:
+    from fedjax_fm.models.config import PRESETS
+
+    print("model presets (model.name; the google/ prefix is accepted):")
+    for name, config in PRESETS.items():
+        print(f"  {name:<15} d_model {config.d_model:>5}  layers {config.num_layers:>2}+{config.num_decoder_layers:<2} "
+              f"heads {config.num_heads:>2}  d_ff {config.d_ff:>5}  vocab {config.vocab_size}")
+    if CONFIGS_DIR.is_dir():
+        print(f"experiment configs (in {CONFIGS_DIR.parent}):")
+        for path in sorted(CONFIGS_DIR.rglob("*.yaml")):
+            print(f"  {path.relative_to(CONFIGS_DIR.parent)}")
+    return 0
+
+
+def _add_presets_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("presets", help="list the model presets and the shipped experiment configs",
+                                   description="List the model presets (model.name) and the experiment configs.")
+    parser.set_defaults(func=_presets_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedjax-fm",
         description="Federated fine-tuning of FLAN-T5 in JAX with energy, MFU and communication metrics.",
     )
+    parser.add_argument("--version", action="version", version=f"fedjax-fm {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_presets_command(subparsers)
     for module_name, function_name in _COMMANDS.values():
         module = importlib.import_module(module_name)
         getattr(module, function_name)(subparsers)

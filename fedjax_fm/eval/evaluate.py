@@ -46,7 +46,7 @@ class EvalResult:
         return {"eval_loss": self.eval_loss, **self.rouge}
 
 
-def _trim(ids: np.ndarray, eos_id: int, pad_id: int) -> list[int]:
+def trim_generated(ids: np.ndarray, eos_id: int, pad_id: int) -> list[int]:
     """Generated ids up to (not including) the first EOS, without padding."""
     out = []
     for token in ids.tolist():
@@ -105,7 +105,7 @@ class Evaluator:
             weights = np.asarray(batch["example_weight"])
             for row, weight in zip(np.asarray(ids), weights):
                 if weight > 0:
-                    trimmed = _trim(row, self.eos_id, self.pad_id)
+                    trimmed = trim_generated(row, self.eos_id, self.pad_id)
                     generated_tokens += len(trimmed) + 1
                     predictions.append(self._decode(trimmed))
         eval_loss = loss_sum / max(token_count, 1.0)

@@ -243,6 +243,18 @@ def train_step_flops(cfg: ExperimentConfig, model: T5, source_length: int, targe
 # ----------------------------------------------------------------------- evaluation
 
 
+def decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """Generated ids -> text. A model whose vocabulary is larger than its tokenizer's (e.g.
+    ByT5's 259 ids under a 512-row embedding) may generate ids no tokenizer can spell;
+    they are dropped rather than crash the decode."""
+    known = len(tokenizer)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if i < known], skip_special_tokens=True)
+
+    return decode
+
+
 def build_evaluator(cfg: ExperimentConfig, model: T5, tokenizer: Any, data: FederatedData) -> Evaluator:
     batches, references = [], []
     for batch in data.eval_batches(cfg.eval.batch_size, cfg.eval.max_examples):
@@ -258,14 +270,7 @@ def build_evaluator(cfg: ExperimentConfig, model: T5, tokenizer: Any, data: Fede
         return generate(model, variables, input_ids, attention_mask, max_new_tokens=cfg.eval.max_new_tokens,
                         num_beams=cfg.eval.num_beams, length_penalty=cfg.eval.length_penalty)
 
-    known = len(tokenizer)
-
-    def decode(ids):
-        # A model whose vocabulary is larger than its tokenizer's (e.g. ByT5's 259 ids under
-        # a 512-row embedding) may generate ids no tokenizer can spell; they are dropped.
-        return tokenizer.decode([i for i in ids if i < known], skip_special_tokens=True)
-
-    return Evaluator(loss_fn, generate_fn, decode, batches, references,
+    return Evaluator(loss_fn, generate_fn, decoder(tokenizer), batches, references,
                      eos_id=model.config.eos_token_id, pad_id=model.config.pad_token_id)
 
 
@@ -323,8 +328,10 @@ def export(cfg: ExperimentConfig, out_dir: Path, model: T5, variables: dict[str,
 
     ``model/``: the fine-tuned model (LoRA merged into the base) + tokenizer, loadable by
     ``transformers.T5ForConditionalGeneration.from_pretrained``. With LoRA also
-    ``adapter/`` (a PEFT adapter) and ``base/`` (the frozen base it applies to, which the
-    adapter's ``base_model_name_or_path`` names unless the base came from the hub).
+    ``adapter/`` (a PEFT adapter) and ``base/`` (the frozen base it applies to). The
+    adapter's ``base_model_name_or_path`` is the hub name when the base came from the hub,
+    and otherwise ``base``: a path relative to the export folder, so that the folder can
+    be moved (PEFT resolves it from the working directory: load from inside ``export/``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     lora = cfg.lora
@@ -337,7 +344,7 @@ def export(cfg: ExperimentConfig, out_dir: Path, model: T5, variables: dict[str,
             base_name = cfg.model.name  # a hub id: PEFT fetches the base itself
         else:
             hf_io.save_pretrained(model, variables["params"], out_dir / "base", tokenizer)
-            base_name = str((out_dir / "base").resolve())
+            base_name = "base"  # relative to the export folder: survives moving the run
         lora_lib.save_peft_adapter(variables["lora"], lora, out_dir / "adapter", base_model_name_or_path=base_name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out_dir / "adapter"))

@@ -255,6 +255,12 @@ def _run_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         if args.quiet:
             cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
+        if args.dry_run:
+            from fedjax_fm.training.plan import plan_run
+
+            plan = plan_run(cfg, lambda message: print(message, file=sys.stderr, flush=True))
+            print(json.dumps(plan, default=json_safe))
+            return 0
         summary = run_experiment(cfg, args.out, resume=args.resume)
     except (ConfigError, RunError, CheckpointError, HFCheckpointError, DataError, FileNotFoundError) as error:
         print(f"fedjax-fm run: error: {error}", file=sys.stderr)
@@ -279,4 +285,7 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, resolve the data, print the plan (clients, steps, tokens and "
+                             "bytes per round) and exit; nothing is trained or written")
     parser.set_defaults(func=_run_command)
