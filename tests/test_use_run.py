@@ -147,3 +147,48 @@ def test_adapter_loads_with_peft_after_the_run_folder_moves(trained, tmp_path):
         a = model(input_ids=ids, decoder_input_ids=torch.tensor([[0, 5]])).logits
         b = merged(input_ids=ids, decoder_input_ids=torch.tensor([[0, 5]])).logits
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+def test_offline_hub_model_fails_fast_with_the_set_lines(monkeypatch, tmp_path):
+    from fedjax_fm.config import ConfigError, config_from_dict
+    from fedjax_fm.models import hub
+    from fedjax_fm.training import builders
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_offline_reason.cache_clear()
+    monkeypatch.setattr(hub, "is_cached", lambda repo, filename="config.json": False)
+    cfg = config_from_dict({"model": {"name": "google/flan-t5-small"}})
+    with pytest.raises(ConfigError) as error:
+        builders.build_tokenizer(cfg, tmp_path, lambda: [])
+    message = str(error.value)
+    assert "HF_HUB_OFFLINE is set" in message
+    assert "--set model.name=/path/to/flan-t5-small" in message
+    assert "--set data.source.kind=samsum_json --set data.source.path=" in message
+    with pytest.raises(ConfigError, match="model.name='google/flan-t5-small' is a Hugging Face Hub model"):
+        builders.build_model(cfg, None)
+    # A cached copy is used offline: huggingface_hub is switched to offline mode, no error.
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    monkeypatch.setattr(hub, "is_cached", lambda repo, filename="config.json": True)
+    assert hub.use_hub("google/flan-t5-small") is None
+    assert constants.HF_HUB_OFFLINE
+    hub.hub_offline_reason.cache_clear()
+
+
+def test_unprepared_samsum_says_what_to_do_and_creates_nothing(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from fedjax_fm.data.records import DataError
+    from fedjax_fm.data.tfds_source import load_tfds
+
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(DataError) as error:
+        load_tfds("samsum", "train", data_dir=str(data_dir))
+    message = str(error.value)
+    assert "--set data.source.kind=samsum_json --set data.source.path=" in message
+    assert "train.json, val.json, test.json" in message and "data.source.manual_dir is not set" in message
+    empty = tmp_path / "manual"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"manual_dir=.* is empty"):
+        load_tfds("samsum", "train", data_dir=str(data_dir), manual_dir=str(empty))
+    assert not (data_dir / "samsum").exists()

@@ -47,6 +47,36 @@ def _builder(name: str, data_dir: str | None, file_format: str):
         raise DataError(f"tfds:{name}: cannot build the dataset builder: {err}") from err
 
 
+# Files a manual-download builder needs in its manual_dir (SAMSum's JSON release).
+MANUAL_FILES: dict[str, tuple[str, ...]] = {"samsum": ("train.json", "val.json", "test.json")}
+
+
+def _check_manual_dir(base: str, manual_dir: str | None, builder) -> None:
+    """Refuses, with the two ways out, a manual builder given no folder of files at all
+    (before TFDS creates any folder of its own). A folder that holds files is left to
+    TFDS, whose error then names what is missing."""
+    if manual_dir is not None:
+        folder = pathlib.Path(manual_dir).expanduser()
+        if folder.is_dir() and any(folder.iterdir()):
+            return
+        problem = (f"data.source.manual_dir={manual_dir!r} is not a directory" if not folder.is_dir() else
+                   f"data.source.manual_dir={manual_dir!r} is empty")
+    else:
+        problem = "data.source.manual_dir is not set"
+    needed = MANUAL_FILES.get(base)
+    files = ", ".join(needed) if needed else "the builder's files"
+    if base == "samsum":
+        message = (f"tfds:{base} is not prepared in {builder.data_dir} and TFDS cannot download it ({problem}). "
+                   f"Put {files} in a folder, then either read them directly (no TensorFlow needed):\n"
+                   f"  --set data.source.kind=samsum_json --set data.source.path=/path/to/folder\n"
+                   f"or let TFDS prepare them once (needs the tensorflow extra):\n"
+                   f"  --set data.source.manual_dir=/path/to/folder")
+    else:
+        message = (f"tfds:{base} is not prepared in {builder.data_dir} and needs manually downloaded files "
+                   f"({problem}): set data.source.manual_dir to a folder holding them")
+    raise DataError(message)
+
+
 def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
                  file_format: str = "array_record"):
     """Prepare (generate) a TFDS dataset if needed; returns the builder."""
@@ -55,11 +85,13 @@ def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | No
     builder = _builder(name, data_dir, file_format)
     if builder.is_prepared():
         return builder
-    if manual_dir is not None:
-        manual = pathlib.Path(manual_dir)
-        if not manual.is_dir():
-            raise DataError(f"tfds:{name}: manual_dir {manual} is not a directory")
     instructions = (getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) or "").strip()
+    base = name.split(":")[0].split("/")[0]
+    if instructions:
+        # A manual-download builder: say what to do before TFDS creates any folder.
+        _check_manual_dir(base, manual_dir, builder)
+    elif manual_dir is not None and not pathlib.Path(manual_dir).is_dir():
+        raise DataError(f"tfds:{name}: manual_dir {manual_dir} is not a directory")
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(download_config=download_config)

@@ -65,7 +65,8 @@ def load_tokenizer(name_or_dir: str | os.PathLike[str], **kwargs: Any):
         raise FileNotFoundError(
             f"'{text}' is not a local directory and could not be loaded from the Hugging Face Hub "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). If you are offline, "
-            "pass a local tokenizer directory."
+            "pass a local tokenizer directory (in a run: model.tokenizer, or model.name for a local checkpoint "
+            "that holds its tokenizer files)."
         ) from err
 
 

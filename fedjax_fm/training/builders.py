@@ -31,7 +31,7 @@ from fedjax_fm.energy.meter import Meter
 from fedjax_fm.energy.peaks import resolve_peak
 from fedjax_fm.eval.evaluate import Evaluator
 from fedjax_fm.fl.t5_task import t5_loss_fn
-from fedjax_fm.models import hf_io
+from fedjax_fm.models import hf_io, hub
 from fedjax_fm.models import lora as lora_lib
 from fedjax_fm.models.config import PRESETS, T5Config, preset
 from fedjax_fm.models.flops import train_step_flops as count_train_step_flops
@@ -65,6 +65,29 @@ def wants_pretrained(cfg: ExperimentConfig) -> bool:
 # ------------------------------------------------------------------------ tokenizer
 
 
+def is_hub_name(name: str) -> bool:
+    """A name to load from the Hugging Face Hub (a preset's name is one too), not a local path."""
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
+
+
+def require_hub(cfg: ExperimentConfig, key: str, name: str) -> None:
+    """Raises a :class:`ConfigError` saying what to set when ``name`` (the value of config
+    ``key``) must come from the Hub and the Hub cannot be used (:mod:`fedjax_fm.models.hub`)."""
+    reason = hub.use_hub(name)
+    if reason is None:
+        return
+    local = name.split("/")[-1]
+    raise ConfigError(
+        f"{key}={name!r} is a Hugging Face Hub model, but the Hub cannot be used here ({reason}) and no copy "
+        f"is in the local Hugging Face cache. Use a local copy of it (fetch it where there is a network, e.g. "
+        f"`huggingface-cli download {name} --local-dir {local}`, and copy the folder here):\n"
+        f"  --set model.name=/path/to/{local}     (config.json, model.safetensors and the tokenizer files)\n"
+        f"and, for SAMSum without TFDS, its JSON files (train.json, val.json, test.json) in a folder:\n"
+        f"  --set data.source.kind=samsum_json --set data.source.path=/path/to/samsum\n"
+        f"or try the pipeline without pretrained weights: --set model.init=random --set model.tokenizer=byt5"
+    )
+
+
 def tokenizer_mode(cfg: ExperimentConfig) -> str:
     mode = cfg.model.tokenizer
     if mode == "auto":
@@ -92,6 +115,8 @@ def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callab
         return train_sentencepiece_tokenizer(training_texts(), directory, vocab, seed=cfg.seed)
     if mode == "byt5":
         return ByT5Tokenizer()
+    if is_hub_name(mode):
+        require_hub(cfg, "model.tokenizer" if cfg.model.tokenizer != "auto" else "model.name", mode)
     return load_tokenizer(mode)
 
 
@@ -129,6 +154,8 @@ def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[T5, dict[str, An
     """
     seed_key = jax.random.PRNGKey(cfg.seed)
     if wants_pretrained(cfg):
+        if is_hub_name(cfg.model.name):
+            require_hub(cfg, "model.name", cfg.model.name)
         runtime = _runtime(cfg)
         model, params = hf_io.from_pretrained(
             cfg.model.name, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat,
