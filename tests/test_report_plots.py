@@ -65,3 +65,15 @@ def test_missing_or_damaged_metrics_are_clear_errors(tmp_path):
 def test_markdown_table_handles_runs_without_evaluation():
     table = markdown_table([("empty", [{"round": 1, "train_loss": 2.0}], {})])
     assert "| empty | 1 |" in table
+
+
+def test_an_empty_panel_says_why():
+    from fedjax_fm.training.report import why_not_measured
+
+    rows = [{"round": 0, "energy_source": "none"}, {"round": 1, "energy_source": "none", "train_loss": 2.0}]
+    assert "no power meter" in why_not_measured("energy", rows) and "energy.backend" in why_not_measured("energy", rows)
+    assert "no power meter" in why_not_measured("efficiency", rows)
+    assert "energy.peak_flops" in why_not_measured("mfu", rows) and "bench peak" in why_not_measured("mfu", rows)
+    assert "no evaluation" in why_not_measured("rouge", rows)
+    metered = [{"round": 1, "energy_source": "rapl", "client_joules": None}]
+    assert "no power meter" not in why_not_measured("energy", metered)

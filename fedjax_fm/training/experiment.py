@@ -83,8 +83,13 @@ class Experiment:
         self.recorder.check()
         self.say(f"fedjax-fm run -> {self.out_dir}")
         t0 = time.perf_counter()
+        self.say(f"setting up: tokenizer ({builders.tokenizer_mode(cfg)})")
         self.tokenizer = builders.build_tokenizer(cfg, self.out_dir, lambda: builders.training_texts(cfg))
+        self.say(f"setting up: data ({cfg.data.source.kind}, {cfg.data.partition.method} over "
+                 f"{cfg.federated.num_clients} clients; tokenising)")
         self.data = builders.build_data(cfg, self.tokenizer)
+        self.say(f"setting up: model ({cfg.model.name}, "
+                 f"{'pretrained weights' if builders.wants_pretrained(cfg) else 'random init from the seed'})")
         self.model, variables = builders.build_model(cfg, self.tokenizer)
         trainable, self.frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
@@ -138,6 +143,7 @@ class Experiment:
         would include XLA compilation.
         """
         t0 = time.perf_counter()
+        self.say("compiling the client and server steps (XLA; once per run) ...")
         ids, batches = self._round_inputs(round_index)
         outputs = self.algorithm.run_clients(self.state, self.frozen, batches, ids)
         jax.block_until_ready(self.algorithm.server_step(self.state, outputs))

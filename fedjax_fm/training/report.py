@@ -91,6 +91,27 @@ def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[f
     return xs, ys
 
 
+# Panels of quantities whose zero means something (joules, rates): their y axis starts at 0.
+ZERO_BASED = ("energy", "efficiency", "mfu", "granularity")
+
+
+def why_not_measured(stem: str, rows: Sequence[dict[str, Any]]) -> str:
+    """The reason a per-run panel has no value at all, for the text drawn in its place."""
+    sources = {str(r.get("energy_source")) for r in rows if r.get("energy_source") is not None}
+    no_meter = not sources or sources == {"none"}
+    if stem in ("energy", "efficiency") and no_meter:
+        return ("no power meter was found on this machine (energy_source none);\nset energy.backend "
+                "(nvml, jetson, rapl) or declare energy.backend constant + energy.watts")
+    if stem == "mfu":
+        return ("the device's peak FLOP/s is unknown;\nset energy.peak_flops or measure it once with "
+                "`fedjax-fm bench peak`")
+    if stem in ("loss", "rouge") and not any(r.get("round", 0) > 0 for r in rows):
+        return "no training round has run yet"
+    if stem == "rouge":
+        return "no evaluation has run (eval.every / eval.at_start)"
+    return "no round reported this figure"
+
+
 def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -> list[Path]:
     """Writes ``run_dir/plots/*.png`` from the run's rows; returns the files written.
 
@@ -115,10 +136,14 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
         if drawn:
             ax.legend()
             if missing:  # say what is absent rather than let it read as zero
-                ax.text(0.01, 0.01, "not measured: " + ", ".join(missing), fontsize="small",
+                reason = why_not_measured(stem, rows).split(";")[0]
+                ax.text(0.01, 0.01, "not measured: " + ", ".join(missing) + f"\n({reason})", fontsize="small",
                         transform=ax.transAxes, va="bottom")
+            if stem in ZERO_BASED:
+                ax.set_ylim(bottom=0)  # a near-constant series is not magnified into a slope
         else:
-            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not measured in this run:\n" + why_not_measured(stem, rows), ha="center",
+                    va="center", transform=ax.transAxes, wrap=True, fontsize="small")
         ax.set_ylabel(ylabel)
         written.append(_save_round_plot(fig, ax, title, out / f"{stem}.png"))
     return written
