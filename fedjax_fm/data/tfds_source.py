@@ -55,12 +55,10 @@ def _check_manual_dir(base: str, manual_dir: str | None, builder) -> None:
     """Refuses, with the two ways out, a manual builder given no folder of files at all
     (before TFDS creates any folder of its own). A folder that holds files is left to
     TFDS, whose error then names what is missing."""
-    if manual_dir is not None:
-        folder = pathlib.Path(manual_dir).expanduser()
-        if folder.is_dir() and any(folder.iterdir()):
+    if manual_dir is not None:  # a directory (checked before)
+        if any(pathlib.Path(manual_dir).iterdir()):
             return
-        problem = (f"data.source.manual_dir={manual_dir!r} is not a directory" if not folder.is_dir() else
-                   f"data.source.manual_dir={manual_dir!r} is empty")
+        problem = f"data.source.manual_dir={manual_dir!r} is empty"
     else:
         problem = "data.source.manual_dir is not set"
     needed = MANUAL_FILES.get(base)
@@ -85,13 +83,12 @@ def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | No
     builder = _builder(name, data_dir, file_format)
     if builder.is_prepared():
         return builder
+    if manual_dir is not None and not pathlib.Path(manual_dir).is_dir():
+        raise DataError(f"tfds:{name}: manual_dir {manual_dir} is not a directory")
     instructions = (getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) or "").strip()
-    base = name.split(":")[0].split("/")[0]
     if instructions:
         # A manual-download builder: say what to do before TFDS creates any folder.
-        _check_manual_dir(base, manual_dir, builder)
-    elif manual_dir is not None and not pathlib.Path(manual_dir).is_dir():
-        raise DataError(f"tfds:{name}: manual_dir {manual_dir} is not a directory")
+        _check_manual_dir(name.split(":")[0].split("/")[0], manual_dir, builder)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(download_config=download_config)
