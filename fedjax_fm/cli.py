@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("fedjax_fm.training.report", "add_report_command"),
     "bench": ("fedjax_fm.energy.bench", "add_bench_command"),
     "deploy": ("fedjax_fm.deploy.cli", "add_deploy_command"),
+    "lineage": ("fedjax_fm.training.lineage", "add_lineage_command"),
 }
 
 

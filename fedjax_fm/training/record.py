@@ -44,6 +44,10 @@ METRIC_FIELDS = (
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
     "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
     "energy_source", "energy_is_estimate",
+    # DP-FedAvg (training/privacy.py) and per-client quality (training/per_client.py); null when off.
+    "dp_epsilon", "dp_delta", "dp_clip_norm", "dp_noise_stddev",
+    "client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std",
+    "client_eval_loss_mean", "client_eval_loss_worst_decile", "client_eval_loss_std", "per_client",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 # Sums over the training rounds in summary.json's "totals".
