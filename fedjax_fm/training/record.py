@@ -34,6 +34,7 @@ from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
+from fedjax_fm.training.environment import environment
 from fedjax_fm.training.fingerprint import params_sha256
 
 # The per-round fields of metrics.jsonl, in this order; null where not measured or
@@ -297,6 +298,11 @@ class RunRecorder:
             "totals": run_totals(rows, total_fields),
             "energy_source": energy_label,
             "energy_is_estimate": energy_is_estimate,
+            # Issue 13's fields, the same for every way of running (a run passes its own in ``extra``).
+            "privacy": None,
+            "per_client": None,
+            "lineage": None,
+            "environment": environment(),
             **(extra or {}),
             "params_sha256": fingerprint,
             "params_sha256_covers": "all variables (" + ", ".join(sorted(variables)) + "); canonical order "

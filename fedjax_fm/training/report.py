@@ -16,6 +16,8 @@ Per-run plots (``DIR/plots/``):
   worst decile over clients, next to the pooled score (``eval.per_client_every``);
 * ``privacy.png`` — ε spent so far at the run's δ (``federated.dp``).
 
+(The last two only when the run has those figures.)
+
 ``fedjax-fm report DIR [DIR ...] --out OUT`` draws the same panels with one line
 per run (e.g. an optimiser comparison) into ``OUT/*.png`` and writes ``OUT/report.md``,
 a table of each run's final and best scores, totals and fingerprint.
@@ -51,6 +53,9 @@ PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
       ("rougeL", "pooled eval set"))),
     ("privacy", "Privacy spent (DP-FedAvg)", "ε at the run's δ", (("dp_epsilon", "ε"),)),
 )
+
+# Panels drawn only when the run has their figures (features switched on in the config).
+OPTIONAL_PANELS = ("per_client", "privacy")
 
 # Panels of the overlay report: one metric each, one line per run.
 REPORT_METRICS: tuple[tuple[str, str], ...] = (
@@ -104,7 +109,8 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
     """Writes ``run_dir/plots/*.png`` from the run's rows; returns the files written.
 
     A panel with no measured value at all (e.g. energy without a power meter) is
-    still drawn, with a note saying so, so the set of files is always the same.
+    still drawn, with a note saying so, so the set of files is always the same —
+    except ``OPTIONAL_PANELS``, drawn when the run switched their feature on.
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir) if rows is None else rows
@@ -112,6 +118,8 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, title, ylabel, series in PANELS:
+        if stem in OPTIONAL_PANELS and not any(_series(rows, key)[0] for key, _ in series[:2]):
+            continue  # a feature the run did not switch on (per-client evaluation, DP)
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn, missing = False, []
         for key, label in series:
