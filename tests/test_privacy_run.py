@@ -219,3 +219,16 @@ def test_refused_config_from_the_cli(tiny_config, compile_cache, tmp_path):  # n
 def test_dp_off_is_unchanged(tiny_config):
     cfg = load_config(tiny_config)
     assert cfg.federated.dp is None and RunPrivacy.from_config(cfg, 4) is None
+
+
+def test_report_shows_epsilon_and_per_client_spread(dp_run, tmp_path):
+    from fedjax_fm.training.report import write_report
+
+    out, summary, _ = dp_run
+    text = write_report([out], tmp_path / "report").read_text()
+    header, _, row = [line for line in text.splitlines() if line.startswith("|")][:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    privacy, per_client = summary["privacy"], summary["per_client"]
+    assert cells["ε (δ)"] == f"{privacy['epsilon']:.2f} ({privacy['delta']:.2g})"
+    assert cells["per-client ROUGE-L mean / worst decile / std"].startswith(f"{per_client['client_rougeL_mean']:.2f} / ")
+    assert (tmp_path / "report" / "dp_epsilon.png").is_file()
