@@ -182,12 +182,15 @@ def test_full_fine_tuning_vmapped_fixed_sampling(tiny_config, compile_cache, tmp
 
 def test_target_epsilon_stops_the_run(tiny_config, compile_cache, tmp_path):  # noqa: F811
     cfg = load_config(tiny_config, ["federated.dp.noise_multiplier=1.0", "eval.at_start=false",
-                                    "output.export=false", "output.plots=false", "federated.dp.target_epsilon=6.0"])
+                                    "output.export=false", "output.plots=false", "federated.dp.target_epsilon=6.0",
+                                    "checkpoint.every=3"])
     privacy = RunPrivacy(cfg, 4)
     target_rounds = privacy.last_round
     assert 0 < target_rounds < 4, "pick a target that stops this config early"
     summary = run_experiment(cfg, tmp_path / "stop")
     assert summary["rounds"] == target_rounds and summary["privacy"]["stopped_at_target"]
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "stop" / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints[-1] == target_rounds  # the last round is checkpointed although off the interval
     assert summary["privacy"]["epsilon"] <= 6.0
     assert fl.epsilon(1.0, "poisson", q=0.5, rounds=target_rounds + 1, delta=privacy.delta) > 6.0
 

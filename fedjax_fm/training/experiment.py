@@ -257,6 +257,10 @@ class Experiment:
             row = recorder.record(row, self.state)
             board.write(row)
             self.progress.round_done(row)
+        stopped = int(self.state.round)
+        if (stopped < cfg.federated.rounds and stopped > start_round and recorder.store is not None
+                and stopped % cfg.checkpoint.every != 0):  # DP target ε reached: checkpoint the last round too
+            recorder.store.save(stopped, self.state, recorder.rows, {"config": config_to_dict(cfg)}, force=True)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
