@@ -235,3 +235,11 @@ def test_report_shows_epsilon_and_per_client_spread(dp_run, tmp_path):
     assert cells["ε (δ)"] == f"{privacy['epsilon']:.2f} ({privacy['delta']:.2g})"
     assert cells["per-client ROUGE-L mean / worst decile / std"].startswith(f"{per_client['client_rougeL_mean']:.2f} / ")
     assert (tmp_path / "report" / "dp_epsilon.png").is_file()
+
+
+def test_deploy_refuses_dp_rather_than_running_without_it(tiny_config):
+    from fedjax_fm.deploy.assemble import check_deployable
+
+    cfg = load_config(tiny_config, ["model.tokenizer=byt5", "federated.dp.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="federated.dp is not supported by `fedjax-fm deploy`"):
+        check_deployable(cfg)
