@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fedjax_fm.energy.bench", "add_bench_command"),
     "deploy": ("fedjax_fm.deploy.cli", "add_deploy_command"),
     "use": ("fedjax_fm.training.use", "add_use_commands"),  # summarize, eval
+    "lineage": ("fedjax_fm.training.lineage", "add_lineage_command"),
 }
 
 

@@ -119,6 +119,42 @@ class ServerOptimizerSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptiveClippingSection:
+    """Adaptive clipping (Andrew et al. 2021): ``C`` tracks the ``target_quantile`` of the
+    client update norms with step ``learning_rate``; ``count_stddev`` is the noise ``σ_b``
+    on the clipped count (must exceed ``noise_multiplier / 2``; the paper suggests K/20)."""
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_stddev: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSection:
+    """DP-FedAvg with a real accountant (``docs/federated.md``, "Differential privacy").
+
+    Client-level (ε, δ) with central Gaussian noise: each client's update is clipped to
+    ``clip_norm`` (the initial ``C`` under ``adaptive_clipping``), weighted uniformly,
+    summed, noised with ``noise_multiplier · C`` and divided by the expected number of
+    clients. ``sampling``: ``poisson`` (each client joins a round with probability
+    ``sampling_rate``, default ``clients_per_round / num_clients``) or ``fixed``
+    (``clients_per_round`` without replacement). ``accountant``: ``rdp`` or ``pld``
+    (dp_accounting). ``delta`` defaults to ``min(1e-5, 0.1 / N)``.
+    ``target_epsilon``: stop before a round would exceed it. Settings the accountant
+    cannot vouch for are refused (``fl.validate_dp_config``).
+    """
+
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: Optional[float] = None
+    sampling: str = "poisson"
+    sampling_rate: Optional[float] = None
+    accountant: str = "rdp"
+    target_epsilon: Optional[float] = None
+    adaptive_clipping: Optional[AdaptiveClippingSection] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class FederatedSection:
     """Rounds, clients and the local/server optimisers.
 
@@ -141,6 +177,10 @@ class FederatedSection:
     backend: Literal["sequential", "vmap", "sharded"] = "sequential"
     local_optimizer: LocalOptimizerSection = dataclasses.field(default_factory=LocalOptimizerSection)
     server_optimizer: ServerOptimizerSection = dataclasses.field(default_factory=ServerOptimizerSection)
+    # Aggregation weights: None = by example count, or uniform under DP (``weighting``
+    # ``examples`` with ``dp`` is refused). ``dp``: null = no differential privacy.
+    weighting: Optional[Literal["examples", "uniform"]] = None
+    dp: Optional[DPSection] = None
 
     def __post_init__(self) -> None:
         for key in ("rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "min_clients"):
@@ -177,12 +217,22 @@ class EvalSection:
     max_new_tokens: int = 64
     num_beams: int = 1
     length_penalty: float = 1.0
+    # Per-client quality: every ``per_client_every`` rounds (and after the last), the
+    # global model is evaluated on each client's own held-out examples: a seeded
+    # ``per_client_fraction`` of each client's data (at least one example), taken out of
+    # its training data. null = off (the training data are then untouched).
+    per_client_every: Optional[int] = None
+    per_client_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         for key in ("every", "batch_size", "max_new_tokens", "num_beams"):
             _positive(f"eval.{key}", getattr(self, key))
         if self.max_examples is not None:
             _positive("eval.max_examples", self.max_examples)
+        if self.per_client_every is not None:
+            _positive("eval.per_client_every", self.per_client_every)
+        if not 0.0 < self.per_client_fraction < 1.0:
+            raise ConfigError(f"eval.per_client_fraction must be in (0, 1), got {self.per_client_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

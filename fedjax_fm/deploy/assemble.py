@@ -51,6 +51,14 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "deploy: set federated.local_steps (and local_epochs: null): with local_epochs the number of "
             "local steps depends on the largest client's data, which no device knows"
         )
+    if cfg.federated.dp is not None:
+        raise ConfigError(
+            "deploy: federated.dp is not supported by `fedjax-fm deploy` yet (the Flower server aggregates "
+            "with the non-private aggregator); run DP-FedAvg in simulation (`fedjax-fm run`), or remove federated.dp"
+        )
+    if cfg.eval.per_client_every is not None:
+        raise ConfigError("deploy: eval.per_client_every needs every client's held-out data on the server; "
+                          "set it to null for a deployment")
 
 
 def build_pieces(cfg: ExperimentConfig) -> DeployPieces:

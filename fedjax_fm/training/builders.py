@@ -256,7 +256,7 @@ def build_algorithm(cfg: ExperimentConfig, model: T5) -> fl.FederatedAlgorithm:
     return fl.FederatedAlgorithm(
         client_update,
         server_opt,
-        fl.make_aggregator("examples", min_clients=cfg.federated.min_clients),
+        fl.make_aggregator(cfg.federated.weighting or "examples", min_clients=cfg.federated.min_clients),
         executor(cfg),
     )
 

@@ -44,12 +44,17 @@ import jax
 import numpy as np
 
 from fedjax_fm import fl
-from fedjax_fm.config import ConfigError, ExperimentConfig, load_config
+from fedjax_fm.config import ConfigError, ExperimentConfig, config_to_dict, load_config
 from fedjax_fm.data.records import DataError
 from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders
 from fedjax_fm.training.checkpoint import CheckpointError
 from fedjax_fm.training.compile_watch import CompileWatch
+from fedjax_fm.training.environment import environment
+from fedjax_fm.training.lineage import RunLineage
+from fedjax_fm.training.model_card import write_model_card
+from fedjax_fm.training.per_client import PerClientEvaluator, hold_out_client_examples, last_per_client
+from fedjax_fm.training.privacy import RunPrivacy
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 from fedjax_fm.training.record import (
     RunError,
@@ -88,12 +93,23 @@ class Experiment:
         self.say(f"setting up: data ({cfg.data.source.kind}, {cfg.data.partition.method} over "
                  f"{cfg.federated.num_clients} clients; tokenising)")
         self.data = builders.build_data(cfg, self.tokenizer)
+        if cfg.eval.per_client_every is not None:  # each client's held-out slice leaves its training data
+            self.data, held_out = hold_out_client_examples(self.data, cfg.eval.per_client_fraction, cfg.seed)
         self.say(f"setting up: model ({cfg.model.name}, "
                  f"{'pretrained weights' if builders.wants_pretrained(cfg) else 'random init from the seed'})")
         self.model, variables = builders.build_model(cfg, self.tokenizer)
         trainable, self.frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
+        self.privacy = RunPrivacy.from_config(cfg, self.data.num_clients)
+        if self.privacy is not None:
+            self.algorithm = self.privacy.algorithm(self.algorithm)
         self.evaluator = builders.build_evaluator(cfg, self.model, self.tokenizer, self.data)
+        self.per_client = None
+        if cfg.eval.per_client_every is not None:
+            targets = list(builders.load_source(cfg.data.source, seed=cfg.seed)[0].targets)
+            self.per_client = PerClientEvaluator(self.evaluator, self.data, held_out, targets)
+        self.environment = environment()
+        self.lineage = RunLineage(self.out_dir, config_to_dict(cfg), self.environment, self._client_tokens)
         self.energy = builders.build_energy(cfg, self.say)
         self.progress.energy_is_estimate = self.energy.is_estimate
         self.state = self.algorithm.init(trainable, cfg.seed)
@@ -130,8 +146,18 @@ class Experiment:
         row["eval_joules"] = record.joules
         self.last_predictions = list(zip(result.predictions, result.references))
 
+    def _client_tokens(self, client: int) -> dict[str, np.ndarray]:
+        """A client's tokenised training data, as its lineage fingerprint covers it."""
+        indices = np.asarray(self.data.partition.client_indices[client])
+        tokens = self.data.train_tokens
+        return {"input_ids": tokens.input_ids[indices], "labels": tokens.labels[indices]}
+
     def _round_inputs(self, round_index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cfg = self.cfg
+        if self.privacy is not None:  # the sampling the accountant assumes; padded slots masked out
+            ids, self.round_mask = self.privacy.sample(cfg.seed, round_index)
+            batches = self.data.clients_round_batches([int(i) for i in ids], round_index)
+            return ids, self.privacy.mask_batches(batches, self.round_mask)
         ids = fl.sample_clients(cfg.seed, round_index, self.data.num_clients, cfg.federated.clients_per_round)
         return ids, self.data.clients_round_batches([int(i) for i in ids], round_index)
 
@@ -161,17 +187,29 @@ class Experiment:
                                           self.step_flops)
         self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, meter)
         clients = jax.device_get({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
+        real = np.ones(len(ids), bool) if self.privacy is None else self.round_mask  # Poisson: padded slots
+        self.round_clients = ([int(i) for i in np.asarray(ids)[real]], [float(n) for n in np.asarray(clients["n"])[real]])
         # Each sampled client downloads the trainable parameters and uploads its delta
         # (same shapes); with LoRA the frozen base is never sent.
-        comm = round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, len(ids))
+        comm = round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, int(real.sum()))
         row = round_row(
-            self._row(round_), clients=len(ids), client=client_phase([client]), server=server,
+            self._row(round_), clients=int(real.sum()), client=client_phase([client]), server=server,
             losses=clients["loss"], num_examples=clients["n"], client_valid=host["client_valid"],
             num_valid=host["num_valid_clients"], applied=host["applied"], comm=comm,
         )
-        if round_ % cfg.eval.every == 0 or round_ == cfg.federated.rounds:
+        if self.privacy is not None:
+            self.privacy.record_round(row, host)
+        last = round_ == self.last_round
+        if round_ % cfg.eval.every == 0 or round_ == cfg.federated.rounds or last:
             self._evaluate(row)
+        if self.per_client is not None and (round_ % cfg.eval.per_client_every == 0 or last):
+            row.update(self.per_client.evaluate(self.variables()))
         return row
+
+    @property
+    def last_round(self) -> int:
+        """``federated.rounds``, or the last round within ``federated.dp.target_epsilon``."""
+        return self.cfg.federated.rounds if self.privacy is None else self.privacy.last_round
 
     # -- the loop --------------------------------------------------------------
 
@@ -187,6 +225,12 @@ class Experiment:
         for row in recorder.rows:
             board.write(row)
         start_round = int(self.state.round)
+        if self.privacy is not None:
+            self.privacy.restore(start_round)
+            if self.privacy.last_round < cfg.federated.rounds:
+                self.say(f"DP: stopping after round {self.privacy.last_round}: one more would exceed "
+                         f"federated.dp.target_epsilon={self.privacy.target_epsilon}")
+        self.lineage.open(start_round)
         if start_round >= cfg.federated.rounds and recorder.rows:
             self.say(f"the run already completed {start_round} rounds (federated.rounds={cfg.federated.rounds})")
 
@@ -201,7 +245,7 @@ class Experiment:
 
         if start_round < cfg.federated.rounds:
             self.warm_up(start_round)
-        for round_ in range(start_round + 1, cfg.federated.rounds + 1):
+        for round_ in range(start_round + 1, self.last_round + 1):
             self.progress.start_round()
             t0 = time.perf_counter()
             with CompileWatch() as watch:
@@ -212,9 +256,17 @@ class Experiment:
                 # Past the first round and the first evaluation every shape has been seen.
                 self.say(f"warning: round {round_} compiled {watch.count} function(s) again "
                          f"({', '.join(sorted(set(watch.names)))}): a shape or static argument changed")
+            # Lineage before the checkpoint: a checkpoint's round always has its entry (a resume
+            # truncates the file to the checkpoint's round, dropping any entry past it).
+            self.lineage.append(round_, *self.round_clients, self.variables(),
+                                extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
             row = recorder.record(row, self.state)
             board.write(row)
             self.progress.round_done(row)
+        stopped = int(self.state.round)
+        if (stopped < cfg.federated.rounds and stopped > start_round and recorder.store is not None
+                and stopped % cfg.checkpoint.every != 0):  # DP target ε reached: checkpoint the last round too
+            recorder.store.save(stopped, self.state, recorder.rows, {"config": config_to_dict(cfg)}, force=True)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
@@ -227,6 +279,7 @@ class Experiment:
         export_dir = None
         if cfg.output.export:
             export_dir = builders.export(cfg, self.out_dir / "export", self.model, variables, self.tokenizer, self.say)
+        lineage = self.lineage.finish(variables)
         summary = self.recorder.write_summary(
             int(self.state.round), variables, energy_label=self.energy.label,
             energy_is_estimate=self.energy.is_estimate, num_params=self.num_params, num_trainable=self.num_trainable,
@@ -235,8 +288,14 @@ class Experiment:
                 "examples": [{"prediction": p, "reference": r} for p, r in getattr(self, "last_predictions", [])[:5]],
                 "export": str(export_dir) if export_dir else None,
                 "process_seconds": process_seconds,
+                "privacy": None if self.privacy is None else self.privacy.summary(int(self.state.round)),
+                "per_client": last_per_client(self.recorder.rows),
+                "lineage": lineage,
+                "environment": self.environment,
             },
         )
+        if export_dir is not None:
+            write_model_card(export_dir, cfg, summary)
         if cfg.output.plots:
             plot_run(self.out_dir, self.recorder.rows)
         final = summary["final"] or {}

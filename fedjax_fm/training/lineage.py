@@ -316,3 +316,115 @@ def client_records(
     ids = [int(c) for c in client_ids]
     counts = [float(n) for n in num_examples]
     return ids, counts, [data_fingerprint(data[c]) for c in ids]
+
+
+# ------------------------------------------------------------------ a run's lineage
+
+FINAL_PARAMS_FILE = "final_params.msgpack"
+
+
+class RunLineage:
+    """The run layer's use of the chain: an entry after every training round, truncation on resume.
+
+    ``client_data(c)`` gives a client's tokenised training arrays (fingerprinted once,
+    then cached). At the end, :meth:`finish` writes the final variables as
+    ``DIR/final_params.msgpack`` (Flax msgpack: the exact tree ``params_sha256``
+    covers), so that ``fedjax-fm lineage verify DIR`` can recompute their fingerprint.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, config: Any, environment: Mapping[str, Any],
+                 client_data: Any):
+        self.out_dir = Path(out_dir)
+        self.config_sha256 = config_sha256(config)
+        self.environment = dict(environment)
+        self._client_data = client_data
+        self._fingerprints: dict[int, str] = {}
+        self.writer: LineageWriter | None = None
+
+    def open(self, rounds_done: int) -> None:
+        """Keeps the entries up to ``rounds_done`` (the checkpoint's round; 0 for a fresh run) and opens for appending."""
+        truncate_lineage(self.out_dir / LINEAGE_FILE, rounds_done)
+        self.writer = LineageWriter(self.out_dir / LINEAGE_FILE)
+
+    def fingerprint(self, client: int) -> str:
+        if client not in self._fingerprints:
+            self._fingerprints[client] = data_fingerprint(self._client_data(client))
+        return self._fingerprints[client]
+
+    def append(self, round_index: int, client_ids: Sequence[int], num_examples: Sequence[float],
+               variables: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        assert self.writer is not None, "RunLineage.open first"
+        ids = [int(c) for c in client_ids]
+        return self.writer.append(
+            round_index=round_index, client_ids=ids, num_examples=list(num_examples),
+            data_sha256=[self.fingerprint(c) for c in ids], config_sha256=self.config_sha256,
+            params_sha256=params_sha256(variables), environment=self.environment, extra=extra,
+        )
+
+    def finish(self, variables: Any) -> dict[str, Any]:
+        """Writes ``final_params.msgpack``; returns summary.json's ``lineage`` entry."""
+        import flax.serialization
+        import jax
+
+        path = self.out_dir / FINAL_PARAMS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
+        os.replace(tmp, path)
+        last = self.writer.last if self.writer is not None else None
+        return {
+            "file": LINEAGE_FILE,
+            "entries": None if last is None else int(last["round"]),
+            "last_entry_hash": None if last is None else last["entry_hash"],
+            "final_params_file": FINAL_PARAMS_FILE,
+            "config_sha256": self.config_sha256,
+        }
+
+
+def verify_run(run_dir: str | os.PathLike) -> LineageCheck:
+    """The chain, then that it ends at the run's final parameters: summary.json's ``params_sha256``
+    and the fingerprint recomputed from ``final_params.msgpack``."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    published = json.loads(summary_path.read_text()).get("params_sha256") if summary_path.is_file() else None
+    check = verify_lineage(run_dir, final_params_sha256=published)
+    if not check.ok:
+        return check
+    params_path = run_dir / FINAL_PARAMS_FILE
+    if not params_path.is_file():
+        return dataclasses.replace(check, ok=False, reason=f"{params_path} is missing: the final parameters cannot be checked")
+    import flax.serialization
+
+    try:
+        variables = flax.serialization.msgpack_restore(params_path.read_bytes())
+        recomputed = params_sha256(variables)
+    except Exception as error:  # a corrupted file: any decoding error means it is not the published model
+        return dataclasses.replace(check, ok=False, reason=f"{params_path} cannot be read ({type(error).__name__}: {error})")
+    last = read_lineage(run_dir)[-1]
+    if recomputed != last["params_sha256"]:
+        return dataclasses.replace(check, ok=False, reason=(
+            f"{params_path.name} has params_sha256 {recomputed}, but the last lineage entry (round "
+            f"{last['round']}) records {last['params_sha256']}: the final parameters were changed"))
+    return check
+
+
+def _lineage_command(args: Any) -> int:
+    import sys
+
+    check = verify_run(args.dir)
+    if check.ok:
+        print(f"lineage ok: {check.num_entries} entries, last round {check.last_round}, "
+              f"last entry_hash {check.last_entry_hash}; final parameters match")
+        return 0
+    print(f"lineage FAILED: {check.reason}", file=sys.stderr)
+    return 1
+
+
+def add_lineage_command(subparsers: Any) -> None:
+    """Registers ``fedjax-fm lineage verify DIR``."""
+    parser = subparsers.add_parser("lineage", help="check a run's lineage record",
+                                   description="Check a run's hash-chained lineage.jsonl and its final parameters.")
+    sub = parser.add_subparsers(dest="lineage_command", metavar="ACTION", required=True)
+    verify = sub.add_parser("verify", help="verify DIR/lineage.jsonl, summary.json and final_params.msgpack",
+                            description="Exit 0 when the chain is intact and ends at the run's final parameters, else 1.")
+    verify.add_argument("dir", metavar="DIR", help="run directory")
+    verify.set_defaults(func=_lineage_command)

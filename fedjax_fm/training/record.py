@@ -34,6 +34,7 @@ from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
+from fedjax_fm.training.environment import environment
 from fedjax_fm.training.fingerprint import params_sha256
 
 # The per-round fields of metrics.jsonl, in this order; null where not measured or
@@ -44,6 +45,10 @@ METRIC_FIELDS = (
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
     "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
     "energy_source", "energy_is_estimate",
+    # DP-FedAvg (training/privacy.py) and per-client quality (training/per_client.py); null when off.
+    "dp_epsilon", "dp_delta", "dp_clip_norm", "dp_noise_stddev",
+    "client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std",
+    "client_eval_loss_mean", "client_eval_loss_worst_decile", "client_eval_loss_std", "per_client",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 # Sums over the training rounds in summary.json's "totals".
@@ -293,6 +298,11 @@ class RunRecorder:
             "totals": run_totals(rows, total_fields),
             "energy_source": energy_label,
             "energy_is_estimate": energy_is_estimate,
+            # Issue 13's fields, the same for every way of running (a run passes its own in ``extra``).
+            "privacy": None,
+            "per_client": None,
+            "lineage": None,
+            "environment": environment(),
             **(extra or {}),
             "params_sha256": fingerprint,
             "params_sha256_covers": "all variables (" + ", ".join(sorted(variables)) + "); canonical order "

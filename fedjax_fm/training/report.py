@@ -11,7 +11,12 @@ Per-run plots (``DIR/plots/``):
 * ``rouge.png`` — ROUGE-1/2/L/Lsum on the evaluation rounds;
 * ``energy.png`` — joules per round by component (client compute, server, communication);
 * ``efficiency.png`` — η_e = TPS per watt;  ``mfu.png`` — model FLOP utilisation;
-* ``granularity.png`` — G = T_comp / T_comm.
+* ``granularity.png`` — G = T_comp / T_comm;
+* ``per_client.png`` — ROUGE-L per client on each client's own held-out examples: mean and
+  worst decile over clients, next to the pooled score (``eval.per_client_every``);
+* ``privacy.png`` — ε spent so far at the run's δ (``federated.dp``).
+
+(The last two only when the run has those figures.)
 
 ``fedjax-fm report DIR [DIR ...] --out OUT`` draws the same panels with one line
 per run (e.g. an optimiser comparison) into ``OUT/*.png`` and writes ``OUT/report.md``,
@@ -43,7 +48,14 @@ PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("efficiency", "Energy efficiency η_e", "tokens / s / W", (("tps_per_watt", "η_e"),)),
     ("mfu", "Model FLOP utilisation", "MFU", (("mfu", "MFU"),)),
     ("granularity", "Granularity G = T_comp / T_comm", "G", (("granularity", "G"),)),
+    ("per_client", "ROUGE-L per client (own held-out examples)", "F-measure × 100",
+     (("client_rougeL_mean", "mean over clients"), ("client_rougeL_worst_decile", "worst decile of clients"),
+      ("rougeL", "pooled eval set"))),
+    ("privacy", "Privacy spent (DP-FedAvg)", "ε at the run's δ", (("dp_epsilon", "ε"),)),
 )
+
+# Panels drawn only when the run has their figures (features switched on in the config).
+OPTIONAL_PANELS = ("per_client", "privacy")
 
 # Panels of the overlay report: one metric each, one line per run.
 REPORT_METRICS: tuple[tuple[str, str], ...] = (
@@ -57,6 +69,8 @@ REPORT_METRICS: tuple[tuple[str, str], ...] = (
     ("tps_per_watt", "η_e (tokens/s/W)"),
     ("mfu", "MFU"),
     ("granularity", "G = T_comp / T_comm"),
+    ("client_rougeL_worst_decile", "ROUGE-L, worst decile of clients"),
+    ("dp_epsilon", "ε (DP)"),
 )
 
 
@@ -116,7 +130,8 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
     """Writes ``run_dir/plots/*.png`` from the run's rows; returns the files written.
 
     A panel with no measured value at all (e.g. energy without a power meter) is
-    still drawn, with a note saying so, so the set of files is always the same.
+    still drawn, with a note saying so, so the set of files is always the same —
+    except ``OPTIONAL_PANELS``, drawn when the run switched their feature on.
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir) if rows is None else rows
@@ -124,6 +139,8 @@ def plot_run(run_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, title, ylabel, series in PANELS:
+        if stem in OPTIONAL_PANELS and not any(_series(rows, key)[0] for key, _ in series[:2]):
+            continue  # a feature the run did not switch on (per-client evaluation, DP)
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn, missing = False, []
         for key, label in series:
@@ -186,7 +203,8 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
     """One row per run: final ROUGE and loss, best ROUGE-L, totals, fingerprint."""
     header = (
         "| run | rounds | final ROUGE-1 | final ROUGE-2 | final ROUGE-L | final ROUGE-Lsum | best ROUGE-L (round) "
-        "| final eval loss | compute J | comm J (model) | total s | MB up | MB down | params_sha256 |"
+        "| final eval loss | compute J | comm J (model) | total s | MB up | MB down | params_sha256 "
+        "| ε (δ) | per-client ROUGE-L mean / worst decile / std |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, rows, summary in runs:
@@ -213,9 +231,24 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
             format_value(up / 1e6 if up is not None else None, 3),
             format_value(down / 1e6 if down is not None else None, 3),
             f"`{fingerprint[:12]}…`" if fingerprint else "–",
+            _privacy_cell(summary.get("privacy")),
+            _per_client_cell(summary.get("per_client")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _privacy_cell(privacy: Optional[dict[str, Any]]) -> str:
+    if not privacy:
+        return "none"
+    return f"{format_value(privacy['epsilon'])} ({privacy['delta']:.2g})"
+
+
+def _per_client_cell(per_client: Optional[dict[str, Any]]) -> str:
+    if not per_client:
+        return "–"
+    return " / ".join(format_value(per_client[k]) for k in
+                      ("client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std"))
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
