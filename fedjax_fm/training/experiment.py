@@ -50,6 +50,7 @@ from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders
 from fedjax_fm.training.checkpoint import CheckpointError
 from fedjax_fm.training.compile_watch import CompileWatch
+from fedjax_fm.training.interrupt import GracefulStop, RunInterrupted, interrupted_message, resume_command
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 from fedjax_fm.training.record import (
     RunError,
@@ -66,6 +67,9 @@ from fedjax_fm.training.round import metered_clients, metered_server_step
 
 class Experiment:
     """One run: built from a config (``prepare``), then ``run()``; see the module docstring."""
+
+    stop: Optional[GracefulStop] = None  # SIGINT/SIGTERM handling, set by the CLI (training/interrupt.py)
+    current_round: Optional[int] = None  # the training round in flight, if any
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
                  stream: Optional[TextIO] = None) -> None:
@@ -196,6 +200,7 @@ class Experiment:
         if start_round < cfg.federated.rounds:
             self.warm_up(start_round)
         for round_ in range(start_round + 1, cfg.federated.rounds + 1):
+            self._round_starts(round_)
             self.progress.start_round()
             t0 = time.perf_counter()
             with CompileWatch() as watch:
@@ -209,9 +214,24 @@ class Experiment:
             row = recorder.record(row, self.state)
             board.write(row)
             self.progress.round_done(row)
+            self._round_ends(round_)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
+
+    def _round_starts(self, round_: int) -> None:
+        self.current_round = round_
+        if self.stop is not None:
+            self.stop.deferring = True  # a signal from here on lets this round finish
+
+    def _round_ends(self, round_: int) -> None:
+        """After a round is recorded: stops here, checkpointed, if a signal came during it."""
+        if self.stop is not None and self.stop.requested is not None:
+            self.recorder.checkpoint_now(round_, self.state)
+            raise RunInterrupted(self.stop.requested, finished=True, round_=round_)
+        self.current_round = None
+        if self.stop is not None:
+            self.stop.deferring = False
 
     # -- outputs ---------------------------------------------------------------
 
@@ -250,12 +270,36 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
 # ----------------------------------------------------------------------------- CLI
 
 
+def _interrupted(error: RunInterrupted, args: argparse.Namespace, experiment: Optional[Experiment]) -> int:
+    """Prints the one line of a stopped run (training/interrupt.py); returns 130 or 143."""
+    recorder = experiment.recorder if experiment is not None else None
+    if experiment is not None and error.round is None and not error.finished:
+        error.round = experiment.current_round
+    store = recorder.store if recorder is not None else None
+    rounds = store.all_rounds() if store is not None else []
+    print(interrupted_message(
+        error, rounds=experiment.cfg.federated.rounds if experiment is not None else 0,
+        last_checkpoint=rounds[-1] if rounds else None,
+        checkpoints_enabled=experiment is None or experiment.cfg.checkpoint.enabled,
+        command=resume_command(args.config, args.out, args.set),
+    ), file=sys.stderr, flush=True)
+    if recorder is not None:
+        recorder.close()
+    return error.exit_code
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    experiment: Optional[Experiment] = None
     try:
-        cfg = load_config(args.config, args.set)
-        if args.quiet:
-            cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
-        summary = run_experiment(cfg, args.out, resume=args.resume)
+        with GracefulStop() as stop:
+            cfg = load_config(args.config, args.set)
+            if args.quiet:
+                cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
+            experiment = Experiment(cfg, args.out, resume=args.resume)
+            experiment.stop = stop
+            summary = experiment.run()
+    except RunInterrupted as error:
+        return _interrupted(error, args, experiment)
     except (ConfigError, RunError, CheckpointError, HFCheckpointError, DataError, FileNotFoundError) as error:
         print(f"fedjax-fm run: error: {error}", file=sys.stderr)
         return 2

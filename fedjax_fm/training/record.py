@@ -304,3 +304,8 @@ class RunRecorder:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+    def checkpoint_now(self, round_: int, state: Any) -> None:
+        """Checkpoints ``round_`` off the interval (a run stopped by a signal), unless it is saved already."""
+        if self.store is not None and round_ not in self.store.all_rounds():
+            self.store.save(round_, state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
