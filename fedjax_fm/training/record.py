@@ -214,7 +214,7 @@ class RunRecorder:
     def check(self) -> None:
         """Creates ``out_dir``; refuses to start over a run, or to resume one with another config;
         then writes the config this run uses (``DIR/config.yaml``)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.out_dir)
         has_run = self.metrics_path.exists() or (self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()))
         if has_run and not self.resume:
             raise RunError(
@@ -309,3 +309,16 @@ class RunRecorder:
         """Checkpoints ``round_`` off the interval (a run stopped by a signal), unless it is saved already."""
         if self.store is not None and round_ not in self.store.all_rounds():
             self.store.save(round_, state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
+
+
+def make_run_dir(path: Path) -> None:
+    """Creates the run folder; a path that cannot be one (an existing file, a path under a
+    file, no permission) is a :class:`RunError` naming it."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
+        raise RunError(f"--out {path}: {what}, not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"--out {path}: cannot create the run folder: {error.strerror}") from None
