@@ -49,6 +49,7 @@ from fedjax_fm.data.records import DataError
 from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders
 from fedjax_fm.training.checkpoint import CheckpointError
+from fedjax_fm.training.checks import fault_counts, round_warning, truncation_warnings
 from fedjax_fm.training.compile_watch import CompileWatch
 from fedjax_fm.training.interrupt import GracefulStop, RunInterrupted, interrupted_message, resume_command
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
@@ -89,6 +90,8 @@ class Experiment:
         t0 = time.perf_counter()
         self.tokenizer = builders.build_tokenizer(cfg, self.out_dir, lambda: builders.training_texts(cfg))
         self.data = builders.build_data(cfg, self.tokenizer)
+        for line in truncation_warnings(self.data.truncation):
+            self._warn(line)
         self.model, variables = builders.build_model(cfg, self.tokenizer)
         trainable, self.frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
@@ -176,6 +179,11 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
+        finished = self.recorder.finished_summary()
+        if finished is not None:
+            self.say(f"{self.out_dir} already completed its {finished['rounds']} rounds: nothing to do; "
+                     "summary.json and config.yaml are left as they are")
+            return finished
         self.prepare()
         recorder = self.recorder
         restored = recorder.restore(self.state)
@@ -214,10 +222,17 @@ class Experiment:
             row = recorder.record(row, self.state)
             board.write(row)
             self.progress.round_done(row)
+            problem = round_warning(row, cfg.federated.min_clients)
+            if problem:
+                self._warn(problem)
             self._round_ends(round_)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
+
+    def _warn(self, text: str) -> None:
+        """A warning shows even with --quiet (output.progress: false)."""
+        print(text, file=self.progress.stream, flush=True)
 
     def _round_starts(self, round_: int) -> None:
         self.current_round = round_
@@ -253,6 +268,11 @@ class Experiment:
         )
         if cfg.output.plots:
             plot_run(self.out_dir, self.recorder.rows)
+        faults = fault_counts(self.recorder.rows)
+        if any(faults.values()):
+            self._warn(f"warning: over the run {faults['rejected_clients']} client update(s) were rejected as "
+                       f"non-finite and {faults['skipped_rounds']} round(s) applied no update "
+                       "(summary.json totals: rejected_clients, skipped_rounds)")
         final = summary["final"] or {}
         self.say(
             f"done: {summary['rounds']} rounds; ROUGE-L {format_value(summary['initial'] and summary['initial']['rougeL'])}"

@@ -34,6 +34,7 @@ from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
+from fedjax_fm.training.checks import fault_counts, unused_resume_changes
 from fedjax_fm.training.fingerprint import params_sha256
 
 # The per-round fields of metrics.jsonl, in this order; null where not measured or
@@ -162,6 +163,7 @@ def run_totals(rows: Sequence[dict[str, Any]], extra_fields: Sequence[str] = ())
     totals["joules"] = sum_or_none([totals["client_joules"], totals["server_joules"], totals["comm_joules"]])
     totals["compute_joules"] = sum_or_none([totals["client_joules"], totals["server_joules"]])
     totals["seconds"] = totals["wall_seconds"]
+    totals.update(fault_counts(train))  # rejected_clients, skipped_rounds (training/checks.py)
     return totals
 
 
@@ -304,6 +306,32 @@ class RunRecorder:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+    def finished_summary(self) -> Optional[dict[str, Any]]:
+        """With ``--resume`` on a run that completed its rounds (``summary.json`` is written
+        last) and the same experiment: its summary, untouched; there is nothing to do, and
+        ``config.yaml`` is not rewritten. Changed ``eval.*`` settings would go unused, so they
+        are refused. None otherwise (the run goes on; :meth:`check` judges other changes)."""
+        summary_path, saved_path = self.out_dir / "summary.json", self.out_dir / "config.yaml"
+        if not (self.resume and summary_path.is_file() and saved_path.is_file()):
+            return None
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = config_to_dict(self.cfg)
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError:
+            return None
+        if resume_mismatches(saved, current) or int(summary.get("rounds") or 0) < self.cfg.federated.rounds:
+            return None
+        changed = unused_resume_changes(saved, current, ("eval",))
+        if changed:
+            raise RunError(
+                f"--resume: {self.out_dir} already completed its {summary['rounds']} rounds, so no round would "
+                "run and these evaluation settings would not be used:\n  " + "\n  ".join(changed)
+                + "\nNothing was changed. To evaluate with them, start a new run with another --out; "
+                "to train on, raise federated.rounds."
+            )
+        return summary
 
     def checkpoint_now(self, round_: int, state: Any) -> None:
         """Checkpoints ``round_`` off the interval (a run stopped by a signal), unless it is saved already."""
