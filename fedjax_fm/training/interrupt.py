@@ -79,7 +79,7 @@ def interrupted_message(error: RunInterrupted, *, rounds: int, last_checkpoint: 
     """The one line printed when a run stops at a signal."""
     name = signal.Signals(error.signum).name
     if error.finished:
-        what = f"round {error.round}/{rounds} was finished and checkpointed"
+        what = f"round {error.round}/{rounds} was finished" + (" and checkpointed" if checkpoints_enabled else "")
     elif error.round is not None:
         what = f"round {error.round}/{rounds} in flight was abandoned"
     else:
