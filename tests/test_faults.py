@@ -442,3 +442,22 @@ def test_resume_of_a_finished_run_refuses_unused_eval_changes_and_rewrites_nothi
     after = {name: (out / name).read_bytes() for name in before}
     assert after == before  # config.yaml not overwritten, summary.json keeps its examples
     assert json.loads(after["summary.json"])["examples"]
+
+
+def test_graceful_stop_defers_inside_a_round_and_a_second_signal_abandons():
+    from fedjax_fm.training.interrupt import GracefulStop, RunInterrupted
+
+    with GracefulStop() as stop:
+        stop.deferring = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.requested == signal.SIGTERM  # deferred: the round goes on
+        with pytest.raises(RunInterrupted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert second.value.exit_code == 143 and not second.value.finished
+        stop.deferring, stop.requested = False, None
+        with pytest.raises(RunInterrupted) as outside:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert outside.value.exit_code == 130
