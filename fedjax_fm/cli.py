@@ -12,6 +12,7 @@ import importlib
 import sys
 from importlib import metadata
 from pathlib import Path
+import warnings
 
 # subcommand -> (module, registration function)
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for a user: the message, not the source path and ``warnings.warn(...)`` line."""
+    label = "warning" if category is UserWarning else f"warning ({category.__name__})"
+    return f"{label}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -74,6 +75,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 8:
             raise ConfigError(f"model.vocab_size must be at least 8, got {self.vocab_size}")
+        _check_model_name(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class LocalOptimizerSection:
 
     def __post_init__(self) -> None:
         _positive("federated.local_optimizer.learning_rate", self.learning_rate)
+        _not_negative("federated.local_optimizer.weight_decay", self.weight_decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +116,7 @@ class ServerOptimizerSection:
     def __post_init__(self) -> None:
         _positive("federated.server_optimizer.learning_rate", self.learning_rate)
         _positive("federated.server_optimizer.tau", self.tau)
+        _not_negative("federated.server_optimizer.weight_decay", self.weight_decay)
         for key in ("momentum", "b1", "b2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"federated.server_optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -313,6 +317,11 @@ def _positive(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be positive, got {value!r}")
 
 
+def _not_negative(key: str, value: Any) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{key} must not be negative, got {value!r}")
+
+
 def _closest(word: str, choices: typing.Iterable[str]) -> Optional[str]:
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
     return matches[0] if matches else None
@@ -400,6 +409,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 except ValueError:
                     pass
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf would pass every range check and poison the run
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -503,19 +514,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if data is not None else {}
 
 
-def load_config_dict(path: str | Path) -> dict[str, Any]:
+def load_config_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Reads a YAML config, following ``base: other.yaml`` (relative to the file) first.
 
     ``base`` lets the paper grid share one file of defaults: the including file's
-    sections are merged key by key over the base's.
+    sections are merged key by key over the base's. A cycle of ``base:`` is an error.
     """
     path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(resolved):], resolved))
+        raise ConfigError(f"{_chain[-1]}: base: makes a cycle ({cycle})")
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an experiment config must be a mapping of sections")
+    _check_empty_sections(path)
     base = data.pop("base", None)
     if base is not None:
-        base_data = load_config_dict(path.parent / base)
+        base_data = load_config_dict(path.parent / base, (*_chain, resolved))
         data = _merge(base_data, data)
     return data
 
@@ -542,3 +558,38 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Exper
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
     """Writes the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _check_empty_sections(path: Path) -> None:
+    """``lora:`` with nothing under it (every key commented out) reads as null, i.e. *full*
+    fine-tuning: far from what it looks like, so it is an error; ``lora: null`` says it."""
+    try:
+        root = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):  # reported by _read_yaml
+        return
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        if key.value == "lora" and isinstance(value, yaml.ScalarNode) and value.tag.endswith(":null") and value.value == "":
+            raise ConfigError(
+                f"{path}:{key.start_mark.line + 1}: the lora: section is empty (every key commented out?), "
+                "which would mean full fine-tuning; write `lora: null` for full fine-tuning, "
+                "or give LoRA's keys (rank, alpha, target_modules)"
+            )
+
+
+def _check_model_name(name: str) -> None:
+    """A name one typo away from a preset (``tinyy``, ``flan-t5-smal``) that is no local
+    directory and no ``org/model`` hub id is an error with a "did you mean", not a hub
+    download attempt that fails with a network error."""
+    from fedjax_fm.models.config import PRESETS
+
+    key = name.removeprefix("google/")
+    if key in PRESETS or "/" in key or Path(name).expanduser().exists():
+        return
+    matches = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.8)
+    if matches:
+        raise ConfigError(
+            f"model.name: {name!r} is not a preset, a local directory or an org/model hub id "
+            f"(did you mean {matches[0]!r}?); presets: {', '.join(PRESETS)}"
+        )

@@ -88,3 +88,38 @@ def test_fingerprint_order_is_canonical_and_sensitive():
     assert params_sha256(a) != params_sha256({**a, "b": jnp.ones(2).at[0].set(1.0000001)})
     assert params_sha256(a) != params_sha256({**a, "b": jnp.ones(2, jnp.bfloat16)})  # dtype counts
     assert params_sha256(a) != params_sha256({**a, "b": jnp.ones((1, 2))})  # shape counts
+
+
+def test_damaged_newer_checkpoint_is_moved_aside_and_its_round_saved_again(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", every=1, keep=3)
+    store.save(1, _state(1.0), [{"round": 1}])
+    store.save(2, _state(2.0), [{"round": 2}])
+    victim = max((p for p in (tmp_path / "ckpt" / "2" / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with victim.open("r+b") as f:  # same size, other bytes: only the manifest's SHA-256 can tell
+        f.write(b"\0" * 64)
+    skipped = []
+    restored = store.restore_latest(_state(0.0), on_skip=skipped.append)
+    assert restored.round == 1
+    assert "differs from what was saved" in str(skipped[0]) and "moved aside to" in str(skipped[0])
+    assert (tmp_path / "ckpt" / "corrupt-2").is_dir() and store.all_rounds() == [1]
+    assert store.save(2, _state(2.0), [{"round": 2}])  # no "step already exists"
+    assert params_sha256(store.restore_latest(_state(0.0)).state) == params_sha256(_state(2.0))
+
+
+def test_unfinished_save_is_never_a_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", every=1)
+    store.save(1, _state(1.0), [])
+    (tmp_path / "ckpt" / ".tmp-2" / "arrays").mkdir(parents=True)  # what a kill mid-save leaves
+    assert store.all_rounds() == [1]
+    assert CheckpointStore(tmp_path / "ckpt").all_rounds() == [1]
+    assert not (tmp_path / "ckpt" / ".tmp-2").exists()  # removed by the next store
+
+
+def test_none_restorable_moves_nothing_and_says_what_to_do(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", every=1, keep=3)
+    for r in (1, 2):
+        store.save(r, _state(float(r)), [])
+        (tmp_path / "ckpt" / str(r) / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="What to do: nothing was changed"):
+        store.restore_latest(_state(0.0))
+    assert store.all_rounds() == [1, 2]

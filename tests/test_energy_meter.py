@@ -56,11 +56,15 @@ def test_sampler_joules_match_known_integral(with_counter):
     assert trace.joules == pytest.approx(expected, rel=0.01)
     assert trace.mean_watts == pytest.approx(expected / trace.wall_s, rel=0.01)
     assert trace.peak_watts <= 80.0 + 1e-9 and trace.peak_watts > 75.0
-    # Even at a 25x faster rate than the default, the sampler's CPU share stays small.
-    assert trace.overhead < 0.05
+    # The sampler's CPU share is reported (a fraction); how small it is, is a speed figure
+    # for scripts/bench_sampler.py, not a test (a loaded machine would fail it).
+    assert 0.0 <= trace.overhead < 1.0
 
 
-def test_sampler_overhead_at_default_interval_is_under_one_percent(tmp_path):
+def test_sampler_at_default_interval_samples_real_files_and_reports_its_overhead(tmp_path):
+    """The < 1 % overhead target at the default interval is measured by
+    ``scripts/bench_sampler.py`` (docs/benchmarks.md), not asserted here: a timing target
+    inside a test fails on a slow or loaded machine (issue 17)."""
     hwmon = tmp_path / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
     hwmon.mkdir(parents=True)
     for channel, label in enumerate(["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"], start=1):
@@ -73,7 +77,7 @@ def test_sampler_overhead_at_default_interval_is_under_one_percent(tmp_path):
     time.sleep(1.0)
     trace = sampler.stop()
     assert len(trace.times_s) >= 10
-    assert trace.overhead < 0.01
+    assert 0.0 <= trace.overhead < 1.0
 
 
 def test_trapezoid_and_counter_helpers():

@@ -120,6 +120,9 @@ class DataSpec:
             raise DataError("data.source.name (a TFDS builder, e.g. 'samsum') is required when data.source.kind is 'tfds'")
         if self.source.kind in ("samsum_json", "file", "client_folder") and not self.source.path:
             raise DataError(f"data.source.path is required when data.source.kind is {self.source.kind!r}")
+        for key in ("num_train", "num_eval"):
+            if self.source.kind == "synthetic" and getattr(self.source, key) <= 0:
+                raise DataError(f"data.source.{key} must be positive, got {getattr(self.source, key)}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 from fedjax_fm.data.records import DataError, TextExamples, concatenate, require_nonempty
 
+_WARNED: set[tuple[str, int, str]] = set()  # skip_invalid warnings already given in this process
+
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 
 
@@ -53,7 +55,13 @@ def _records_from_json(path: pathlib.Path, text: str) -> list[tuple[int, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        line = text.splitlines()[err.lineno - 1] if err.lineno <= len(text.splitlines()) else ""
+        near = line[max(0, err.colno - 21): err.colno + 20]
+        hint = (" (a file of one JSON object per line is JSON Lines: name it .jsonl)"
+                if err.msg == "Extra data" else "")
+        raise DataError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg.lower()} near {near!r}{hint}"
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, got a {type(data).__name__}")
     # JSON arrays have no line numbers per record; report the record's position (1-based).
@@ -75,12 +83,32 @@ def _records_from_jsonl(path: pathlib.Path, text: str, skip_invalid: bool, probl
     return records
 
 
-def _records_from_csv(path: pathlib.Path, text: str) -> list[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None:
+def _records_from_csv(path: pathlib.Path, text: str, skip_invalid: bool = False,
+                      problems: list[str] | None = None) -> list[tuple[int, Any]]:
+    """Rows as dicts keyed by the header, each with the line it starts on (a quoted cell
+    may span lines). A row with more or fewer cells than the header is an error (or, with
+    ``skip_invalid``, a skipped problem), never a dropped or empty cell."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
         return []
-    # Row r of the data is on line r + 1 when no field spans lines; good enough to point at it.
-    return [(i + 2, dict(row)) for i, row in enumerate(reader)]
+    records = []
+    start = reader.line_num + 1
+    for cells in reader:
+        line, start = start, reader.line_num + 1
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            message = (f"{path}: line {line}: {len(cells)} cell(s) where the header has {len(header)} "
+                       f"({', '.join(header)})")
+            if not skip_invalid:
+                raise DataError(message)
+            if problems is not None:
+                problems.append(message)
+            continue
+        records.append((line, dict(zip(header, cells))))
+    return records
 
 
 def _as_text(value: Any, field: str, where: str, allow_number: bool = False) -> str:
@@ -127,7 +155,7 @@ def read_examples(
     elif fmt == "jsonl":
         records = _records_from_jsonl(path, text, skip_invalid, problems)
     else:
-        records = _records_from_csv(path, text)
+        records = _records_from_csv(path, text, skip_invalid, problems)
     unit = "record" if fmt == "json" else "line"
 
     # An id field that no record has is treated as absent (numbered ids), not as an error.
@@ -146,6 +174,10 @@ def read_examples(
         missing = [f for f in required if f not in record]
         if missing:
             message = f"{where}: missing field(s) {missing}; available fields: {sorted(record)}"
+            keys = [key for key, name in (("input_field", input_field), ("target_field", target_field),
+                                          ("id_field", id_field)) if name in missing]
+            if keys:
+                message += " (set " + " / ".join(f"data.source.{k}" for k in keys) + " to the field that holds it)"
             if not skip_invalid:
                 raise DataError(message)
             problems.append(message)
@@ -155,7 +187,9 @@ def read_examples(
         ids.append(_as_text(record[id_field], id_field, where, True) if use_ids else f"{path.stem}-{len(ids)}")
         for name in extra_fields:
             columns[name].append(_as_text(record[name], name, where, True))
-    if problems:
+    if problems and (str(path.resolve()), len(problems), problems[0]) not in _WARNED:
+        # Once per file: a run reads its training file twice (tokenizer texts, then examples).
+        _WARNED.add((str(path.resolve()), len(problems), problems[0]))
         shown = "\n  ".join(problems[:5])
         warnings.warn(f"{path}: skipped {len(problems)} invalid record(s) as asked (skip_invalid=True):\n  {shown}")
     examples = TextExamples(inputs, targets, ids, columns, origin=str(path))

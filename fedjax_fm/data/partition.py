@@ -150,7 +150,9 @@ def natural_partition(keys: Sequence[str], *, num_clients: int | None = None, se
     dropped: dict[str, int] = {}
     if num_clients is not None:
         if num_clients > len(names):
-            raise DataError(f"natural partition by {field!r}: asked for {num_clients} clients, the data has {len(names)}")
+            raise DataError(f"natural partition by {field!r}: asked for {num_clients} clients "
+                            f"(federated.num_clients), the data has {len(names)}; set federated.num_clients "
+                            f"to at most {len(names)}")
         keep = np.sort(np.random.default_rng([seed, 3]).choice(len(names), size=num_clients, replace=False))
         kept = set(keep.tolist())
         dropped = {n: int((labels == n).sum()) for i, n in enumerate(names) if i not in kept}

@@ -8,7 +8,9 @@
 * :mod:`~fedjax_fm.training.builders` -- the pieces of a run from its config;
 * :mod:`~fedjax_fm.training.checkpoint`, :mod:`~fedjax_fm.training.fingerprint`,
   :mod:`~fedjax_fm.training.progress`, :mod:`~fedjax_fm.training.compile_watch`,
-  :mod:`~fedjax_fm.training.report`.
+  :mod:`~fedjax_fm.training.report`;
+* :mod:`~fedjax_fm.training.interrupt` (SIGINT/SIGTERM: a clean stop and how to resume) and
+  :mod:`~fedjax_fm.training.checks` (truncation, rejected clients, skipped rounds, unused resume changes).
 
 Floors: this package builds on ``models``, ``fl``, ``data``, ``energy`` and ``eval``;
 only ``cli`` and ``deploy`` build on it.

@@ -49,12 +49,14 @@ from fedjax_fm.data.records import DataError
 from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders
 from fedjax_fm.training.checkpoint import CheckpointError
+from fedjax_fm.training.checks import fault_counts, round_warning, truncation_warnings
 from fedjax_fm.training.compile_watch import CompileWatch
 from fedjax_fm.training.environment import environment
 from fedjax_fm.training.lineage import RunLineage
 from fedjax_fm.training.model_card import write_model_card
 from fedjax_fm.training.per_client import PerClientEvaluator, hold_out_client_examples, last_per_client
 from fedjax_fm.training.privacy import RunPrivacy
+from fedjax_fm.training.interrupt import GracefulStop, RunInterrupted, interrupted_message, resume_command
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 from fedjax_fm.training.record import (
     RunError,
@@ -71,6 +73,9 @@ from fedjax_fm.training.round import metered_clients, metered_server_step
 
 class Experiment:
     """One run: built from a config (``prepare``), then ``run()``; see the module docstring."""
+
+    stop: Optional[GracefulStop] = None  # SIGINT/SIGTERM handling, set by the CLI (training/interrupt.py)
+    current_round: Optional[int] = None  # the training round in flight, if any
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
                  stream: Optional[TextIO] = None) -> None:
@@ -97,6 +102,8 @@ class Experiment:
             self.data, held_out = hold_out_client_examples(self.data, cfg.eval.per_client_fraction, cfg.seed)
         self.say(f"setting up: model ({cfg.model.name}, "
                  f"{'pretrained weights' if builders.wants_pretrained(cfg) else 'random init from the seed'})")
+        for line in truncation_warnings(self.data.truncation):
+            self._warn(line)
         self.model, variables = builders.build_model(cfg, self.tokenizer)
         trainable, self.frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
@@ -216,6 +223,11 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
+        finished = self.recorder.finished_summary()
+        if finished is not None:
+            self.say(f"{self.out_dir} already completed its {finished['rounds']} rounds: nothing to do; "
+                     "summary.json and config.yaml are left as they are")
+            return finished
         self.prepare()
         recorder = self.recorder
         restored = recorder.restore(self.state)
@@ -246,6 +258,7 @@ class Experiment:
         if start_round < cfg.federated.rounds:
             self.warm_up(start_round)
         for round_ in range(start_round + 1, self.last_round + 1):
+            self._round_starts(round_)
             self.progress.start_round()
             t0 = time.perf_counter()
             with CompileWatch() as watch:
@@ -263,6 +276,10 @@ class Experiment:
             row = recorder.record(row, self.state)
             board.write(row)
             self.progress.round_done(row)
+            problem = round_warning(row, cfg.federated.min_clients)
+            if problem:
+                self._warn(problem)
+            self._round_ends(round_)
         stopped = int(self.state.round)
         if (stopped < cfg.federated.rounds and stopped > start_round and recorder.store is not None
                 and stopped % cfg.checkpoint.every != 0):  # DP target ε reached: checkpoint the last round too
@@ -270,6 +287,24 @@ class Experiment:
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
+
+    def _warn(self, text: str) -> None:
+        """A warning shows even with --quiet (output.progress: false)."""
+        print(text, file=self.progress.stream, flush=True)
+
+    def _round_starts(self, round_: int) -> None:
+        self.current_round = round_
+        if self.stop is not None:
+            self.stop.deferring = True  # a signal from here on lets this round finish
+
+    def _round_ends(self, round_: int) -> None:
+        """After a round is recorded: stops here, checkpointed, if a signal came during it."""
+        if self.stop is not None and self.stop.requested is not None:
+            self.recorder.checkpoint_now(round_, self.state)
+            raise RunInterrupted(self.stop.requested, finished=True, round_=round_)
+        self.current_round = None
+        if self.stop is not None:
+            self.stop.deferring = False
 
     # -- outputs ---------------------------------------------------------------
 
@@ -298,6 +333,11 @@ class Experiment:
             write_model_card(export_dir, cfg, summary)
         if cfg.output.plots:
             plot_run(self.out_dir, self.recorder.rows)
+        faults = fault_counts(self.recorder.rows)
+        if any(faults.values()):
+            self._warn(f"warning: over the run {faults['rejected_clients']} client update(s) were rejected as "
+                       f"non-finite and {faults['skipped_rounds']} round(s) applied no update "
+                       "(summary.json totals: rejected_clients, skipped_rounds)")
         final = summary["final"] or {}
         self.say(
             f"done: {summary['rounds']} rounds; ROUGE-L {format_value(summary['initial'] and summary['initial']['rougeL'])}"
@@ -315,7 +355,26 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
 # ----------------------------------------------------------------------------- CLI
 
 
+def _interrupted(error: RunInterrupted, args: argparse.Namespace, experiment: Optional[Experiment]) -> int:
+    """Prints the one line of a stopped run (training/interrupt.py); returns 130 or 143."""
+    recorder = experiment.recorder if experiment is not None else None
+    if experiment is not None and error.round is None and not error.finished:
+        error.round = experiment.current_round
+    store = recorder.store if recorder is not None else None
+    rounds = store.all_rounds() if store is not None else []
+    print(interrupted_message(
+        error, rounds=experiment.cfg.federated.rounds if experiment is not None else 0,
+        last_checkpoint=rounds[-1] if rounds else None,
+        checkpoints_enabled=experiment is None or experiment.cfg.checkpoint.enabled,
+        command=resume_command(args.config, args.out, args.set),
+    ), file=sys.stderr, flush=True)
+    if recorder is not None:
+        recorder.close()
+    return error.exit_code
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    experiment: Optional[Experiment] = None
     try:
         cfg = load_config(args.config, args.set)
         if args.quiet:
@@ -327,6 +386,15 @@ def _run_command(args: argparse.Namespace) -> int:
             print(json.dumps(plan, default=json_safe))
             return 0
         summary = run_experiment(cfg, args.out, resume=args.resume)
+        with GracefulStop() as stop:
+            cfg = load_config(args.config, args.set)
+            if args.quiet:
+                cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
+            experiment = Experiment(cfg, args.out, resume=args.resume)
+            experiment.stop = stop
+            summary = experiment.run()
+    except RunInterrupted as error:
+        return _interrupted(error, args, experiment)
     except (ConfigError, RunError, CheckpointError, HFCheckpointError, DataError, FileNotFoundError) as error:
         print(f"fedjax-fm run: error: {error}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
+from fedjax_fm.training.checks import fault_counts, unused_resume_changes
 from fedjax_fm.training.environment import environment
 from fedjax_fm.training.fingerprint import params_sha256
 
@@ -167,6 +168,7 @@ def run_totals(rows: Sequence[dict[str, Any]], extra_fields: Sequence[str] = ())
     totals["joules"] = sum_or_none([totals["client_joules"], totals["server_joules"], totals["comm_joules"]])
     totals["compute_joules"] = sum_or_none([totals["client_joules"], totals["server_joules"]])
     totals["seconds"] = totals["wall_seconds"]
+    totals.update(fault_counts(train))  # rejected_clients, skipped_rounds (training/checks.py)
     return totals
 
 
@@ -219,7 +221,7 @@ class RunRecorder:
     def check(self) -> None:
         """Creates ``out_dir``; refuses to start over a run, or to resume one with another config;
         then writes the config this run uses (``DIR/config.yaml``)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.out_dir)
         has_run = self.metrics_path.exists() or (self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()))
         if has_run and not self.resume:
             raise RunError(
@@ -314,3 +316,47 @@ class RunRecorder:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+    def finished_summary(self) -> Optional[dict[str, Any]]:
+        """With ``--resume`` on a run that completed its rounds (``summary.json`` is written
+        last) and the same experiment: its summary, untouched; there is nothing to do, and
+        ``config.yaml`` is not rewritten. Changed ``eval.*`` settings would go unused, so they
+        are refused. None otherwise (the run goes on; :meth:`check` judges other changes)."""
+        summary_path, saved_path = self.out_dir / "summary.json", self.out_dir / "config.yaml"
+        if not (self.resume and summary_path.is_file() and saved_path.is_file()):
+            return None
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = config_to_dict(self.cfg)
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError:
+            return None
+        if resume_mismatches(saved, current) or int(summary.get("rounds") or 0) < self.cfg.federated.rounds:
+            return None
+        changed = unused_resume_changes(saved, current, ("eval",))
+        if changed:
+            raise RunError(
+                f"--resume: {self.out_dir} already completed its {summary['rounds']} rounds, so no round would "
+                "run and these evaluation settings would not be used:\n  " + "\n  ".join(changed)
+                + "\nNothing was changed. To evaluate with them, start a new run with another --out; "
+                "to train on, raise federated.rounds."
+            )
+        return summary
+
+    def checkpoint_now(self, round_: int, state: Any) -> None:
+        """Checkpoints ``round_`` off the interval (a run stopped by a signal), unless it is saved already."""
+        if self.store is not None and round_ not in self.store.all_rounds():
+            self.store.save(round_, state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
+
+
+def make_run_dir(path: Path) -> None:
+    """Creates the run folder; a path that cannot be one (an existing file, a path under a
+    file, no permission) is a :class:`RunError` naming it."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
+        raise RunError(f"--out {path}: {what}, not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"--out {path}: cannot create the run folder: {error.strerror}") from None

@@ -38,6 +38,8 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedjax_fm.training.checks import fault_counts  # noqa: E402
+
 # (file stem, title, y label, [(metric key, legend label)])
 PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("loss", "Loss", "cross-entropy", (("train_loss", "train"), ("eval_loss", "eval"))),
@@ -203,7 +205,8 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
     """One row per run: final ROUGE and loss, best ROUGE-L, totals, fingerprint."""
     header = (
         "| run | rounds | final ROUGE-1 | final ROUGE-2 | final ROUGE-L | final ROUGE-Lsum | best ROUGE-L (round) "
-        "| final eval loss | compute J | comm J (model) | total s | MB up | MB down | params_sha256 "
+        "| final eval loss | compute J | comm J (model) | total s | MB up | MB down "
+        "| rejected clients | skipped rounds | params_sha256 "
         "| ε (δ) | per-client ROUGE-L mean / worst decile / std |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -216,6 +219,7 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
         up = totals.get("bytes_up")
         down = totals.get("bytes_down")
         fingerprint = summary.get("params_sha256")
+        faults = fault_counts(rows)  # from the rows: also for runs recorded before these totals
         cells = [
             label,
             str(rounds),
@@ -230,6 +234,8 @@ def markdown_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any
             format_value(totals.get("seconds")),
             format_value(up / 1e6 if up is not None else None, 3),
             format_value(down / 1e6 if down is not None else None, 3),
+            str(faults["rejected_clients"]),
+            str(faults["skipped_rounds"]),
             f"`{fingerprint[:12]}…`" if fingerprint else "–",
             _privacy_cell(summary.get("privacy")),
             _per_client_cell(summary.get("per_client")),
