@@ -43,7 +43,7 @@ METRIC_FIELDS = (
     "tokens", "client_seconds", "client_joules", "server_seconds", "server_joules",
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
     "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
-    "energy_source", "energy_is_estimate",
+    "energy_source", "energy_is_estimate", "padding_efficiency",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 # Sums over the training rounds in summary.json's "totals".
