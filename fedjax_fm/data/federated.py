@@ -376,13 +376,15 @@ class FederatedData:
             shapes.update({key: (s, b, src if key.startswith("encoder") else tgt) for key in PACKED_KEYS})
         return shapes
 
-    def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None) -> Iterator[dict]:
-        """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0)."""
+    def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None,
+                     by_length: bool = False) -> Iterator[dict]:
+        """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0);
+        ``by_length``: sorted by source length and cut to a few widths (``batching.eval_batches``)."""
         n = len(self.eval_tokens) if max_examples is None else min(max_examples, len(self.eval_tokens))
         t = self.eval_tokens
         tokens = TokenizedExamples(t.input_ids[:n], t.input_lengths[:n], t.labels[:n], t.label_lengths[:n])
         return batching.eval_batches(tokens, self.eval_examples.targets[:n], batch_size or self.eval_batch_size,
-                                     ids=self.eval_examples.ids[:n])
+                                     ids=self.eval_examples.ids[:n], by_length=by_length)
 
     def report(self) -> dict[str, Any]:
         """Partition counts, truncation counts and batch geometry, for logs and summary.json."""
