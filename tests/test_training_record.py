@@ -39,6 +39,7 @@ data:
   partition: {{method: natural}}
   max_input_length: 48
   max_target_length: 16
+  packing: {{enabled: true, input_length: 96, target_length: 32}}  # devices pack their own data
 federated:
   rounds: 1
   num_clients: 2
