@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     from fedjax_fm.models.tokenizer import train_sentencepiece_tokenizer
 
     rows: list[tuple[str, str]] = []
-    gen_s, examples = _timed(lambda: synthetic_examples(args.examples, seed=0, small_talk_turns=(3, 5), extra_fact_prob=1.0))
+    gen_s, examples = _timed(lambda: synthetic_examples(args.examples, seed=0, small_talk_turns=(3, 5), extra_fact_prob=1.0, lengths="small_talk"))
     words_in = np.mean([len(x.split()) for x in examples.inputs])
     words_out = np.mean([len(x.split()) for x in examples.targets])
     rows.append(("generate examples", f"{gen_s:.2f} s  ({words_in:.0f} words/dialogue, {words_out:.0f} words/summary)"))
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     # The runner's path: build once (tokenises again; this is what a run pays), then rounds.
     spec = DataSpec(
-        source=SourceSpec(kind="synthetic", num_train=args.examples, num_eval=8, small_talk_turns=(3, 5), extra_fact_prob=1.0),
+        source=SourceSpec(kind="synthetic", num_train=args.examples, num_eval=8, small_talk_turns=(3, 5), extra_fact_prob=1.0, lengths="small_talk"),
         partition=ClientPartitionSpec(method="iid"),
         max_input_length=args.max_input_length, max_target_length=args.max_target_length,
     )

@@ -23,7 +23,8 @@ federated: {{rounds: 1, num_clients: 3, clients_per_round: 3, local_steps: 3, lo
 """
 
 
-def test_device_batches_equal_simulation_batches(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_device_batches_equal_simulation_batches(tmp_path, packing):
     sizes = {"ann": 4, "ben": 1, "cyd": 9}
     for name, n in sizes.items():
         rows = [{"id": str(i), "dialogue": f"{name} says {i} twice {i}", "summary": f"{name} {i}"} for i in range(n)]
@@ -32,7 +33,7 @@ def test_device_batches_equal_simulation_batches(tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", [{"id": "0", "dialogue": "x", "summary": "y"}])
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG.format(folder=tmp_path / "all", eval=tmp_path / "eval.jsonl"))
-    cfg = load_config(path)
+    cfg = load_config(path, ["data.packing={enabled: true, input_length: 80, target_length: 24}"] if packing else [])
     check_deployable(cfg)
     tokenizer = setup.build_tokenizer(cfg, tmp_path, lambda: [])
     data = setup.build_data(cfg, tokenizer)

@@ -58,6 +58,7 @@ data:
   prompt_template: "summarize: {{dialogue}}"
   max_input_length: 48
   max_target_length: 16
+  packing: {{enabled: true, input_length: 96, target_length: 32}}  # devices pack their own data
 federated:
   rounds: {rounds}
   num_clients: 3

@@ -35,6 +35,7 @@ data:
   source: {{num_train: 96, num_eval: 8}}
   max_input_length: 64
   max_target_length: 16
+  packing: {{input_length: 128, target_length: 24}}
 federated: {{rounds: 4, num_clients: 4, clients_per_round: 2, local_steps: 2, batch_size: 4}}
 eval: {{every: 2, max_examples: 8, batch_size: 8, max_new_tokens: 8}}
 checkpoint: {{every: 2, keep: 2}}

@@ -39,6 +39,7 @@ data:
   partition: {{method: natural}}
   max_input_length: 48
   max_target_length: 16
+  packing: {{enabled: true, input_length: 96, target_length: 32}}  # devices pack their own data
 federated:
   rounds: 1
   num_clients: 2
@@ -184,3 +185,11 @@ def test_no_module_imports_from_a_floor_above_it():
                 if any(module == f"fedjax_fm.{f}" or module.startswith(f"fedjax_fm.{f}.") for f in forbidden):
                     offences.append(f"{path.relative_to(REPO)} imports {module}")
     assert offences == []
+
+
+def test_packed_device_round_equals_the_simulated_round(deployed, simulated):
+    """Devices pack their own data with the simulation's packer: same rows, same work, same model."""
+    d, s = _rows(deployed)[-1], _rows(simulated)[-1]
+    assert d["padding_efficiency"] == pytest.approx(s["padding_efficiency"], rel=1e-12)
+    assert 0 < s["padding_efficiency"] <= 1 and d["examples"] == s["examples"]
+    assert _summary(deployed)["params_sha256"] == _summary(simulated)["params_sha256"]

@@ -109,10 +109,19 @@ def eval_batches(
     batch_size: int,
     *,
     ids: Sequence[str] | None = None,
+    by_length: bool = False,
+    length_multiple: int = 64,
 ) -> Iterator[dict]:
-    """Fixed-shape ``[B, ...]`` evaluation batches in dataset order, with reference texts.
+    """Fixed-shape ``[B, ...]`` evaluation batches with reference texts.
 
-    The last batch is padded with repeats of the first example at ``example_weight`` 0;
+    ``by_length=False``: dataset order, every batch at the full tokenised width.
+    ``by_length=True``: examples sorted by source length (stable, longest first), and
+    each batch cut to its longest source rounded up to a multiple of
+    ``length_multiple`` (targets to a multiple of 16), so the encoder does not run on
+    hundreds of pad slots for short dialogues. The widths come from a small set, so
+    the loss and generation compile once per width, not per batch.
+
+    The last batch is padded with repeats of an example at ``example_weight`` 0;
     ``references`` and ``ids`` are lists of length ``B`` whose padding entries are ``""``.
     """
     n = len(tokens)
@@ -120,11 +129,19 @@ def eval_batches(
         raise DataError(f"{len(references)} references for {n} tokenised examples")
     if batch_size < 1:
         raise DataError(f"eval batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(-np.asarray(tokens.input_lengths), kind="stable") if by_length else np.arange(n)
     for start in range(0, n, batch_size):
-        real = np.arange(start, min(start + batch_size, n))
-        indices = np.concatenate([real, np.zeros(batch_size - len(real), dtype=real.dtype)])
+        real = order[start:start + batch_size]
+        filler = real[0] if by_length else 0  # a weight-0 repeat that fits the batch's width
+        indices = np.concatenate([real, np.full(batch_size - len(real), filler, dtype=real.dtype)])
         weights = (np.arange(batch_size) < len(real)).astype(np.float32)
         batch = gather_batches(tokens, indices, weights, (batch_size,))
+        if by_length:
+            width = lambda length, multiple, full: min(full, -(-max(int(length), 1) // multiple) * multiple)  # noqa: E731
+            s = width(tokens.input_lengths[real].max(), length_multiple, batch["input_ids"].shape[1])
+            t = width(tokens.label_lengths[real].max(), 16, batch["labels"].shape[1])
+            source_keys, target_keys = ("input_ids", "attention_mask"), ("labels", "decoder_input_ids", "decoder_attention_mask")
+            batch = {k: v[:, :s] if k in source_keys else v[:, :t] if k in target_keys else v for k, v in batch.items()}
         pad = [""] * (batch_size - len(real))
         batch["references"] = [references[i] for i in real] + pad
         batch["ids"] = ([ids[i] for i in real] if ids is not None else [str(i) for i in real]) + pad

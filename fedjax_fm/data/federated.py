@@ -20,6 +20,7 @@ import numpy as np
 
 from fedjax_fm.data import batching, partition as partitioners
 from fedjax_fm.data.local_files import read_client_folder, read_examples
+from fedjax_fm.data.packing import PACKED_KEYS, PackingSpec, pack_round
 from fedjax_fm.data.records import DataError, TextExamples
 from fedjax_fm.data.synthetic import synthetic_examples
 from fedjax_fm.data.tokenize import DEFAULT_PROMPT, TokenizedExamples, TruncationReport, cached_tokenize
@@ -35,7 +36,9 @@ class SourceSpec:
 
     kind:
       ``synthetic``: the seeded dialogue generator (``num_train``/``num_eval`` examples,
-        ``small_talk_turns``, ``extra_fact_prob``); column ``intent`` for content skew.
+        ``lengths``: ``samsum`` = SAMSum's spread of 3-30 utterances, ``small_talk`` =
+        the older short dialogues with ``small_talk_turns`` exchanges; ``extra_fact_prob``);
+        column ``intent`` for content skew.
       ``tfds``: TFDS builder ``name`` (``data_dir``, ``manual_dir``, ``train_split``,
         ``eval_split``; fields default to the built-in mapping for samsum, cnn_dailymail,
         xsum, billsum).
@@ -65,6 +68,7 @@ class SourceSpec:
     num_eval: int = 200
     small_talk_turns: tuple[int, int] = (0, 2)
     extra_fact_prob: float = 0.3
+    lengths: Literal["samsum", "small_talk"] = "samsum"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     eval_fraction: float | None = None
@@ -90,6 +94,28 @@ class ClientPartitionSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackingConfig:
+    """``data.packing``: several examples per training row (``docs/data.md``, "Packing").
+
+    With ``enabled``, a local step is ``federated.batch_size`` packed *rows* of
+    ``input_length`` source and ``target_length`` target slots (defaults: the
+    truncation limits ``max_input_length`` / ``max_target_length``, which stay
+    truncation limits); each row holds as many whole examples as first-fit places in
+    it (at most ``max_segments``), shuffled in windows of ``window`` examples.
+    """
+
+    enabled: bool = False
+    input_length: int | None = None
+    target_length: int | None = None
+    max_segments: int | None = None
+    window: int | None = 256
+
+    def spec(self, max_input_length: int, max_target_length: int) -> PackingSpec:
+        return PackingSpec(self.input_length or max_input_length, self.target_length or max_target_length,
+                           max_segments=self.max_segments, window=self.window)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSpec:
     """The ``data:`` section of an experiment: where examples come from, how they are
     prompted, truncated and split over clients.
@@ -108,8 +134,17 @@ class DataSpec:
     max_input_length: int = 512
     max_target_length: int = 95
     cache_dir: str | None = None
+    packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
 
     def __post_init__(self) -> None:
+        if self.packing.enabled:
+            spec = self.packing_spec()  # checks the geometry
+            if spec.input_length < self.max_input_length or spec.target_length < self.max_target_length:
+                raise DataError(
+                    f"data.packing rows ({spec.input_length}, {spec.target_length}) must be at least the truncation "
+                    f"limits max_input_length/max_target_length ({self.max_input_length}, {self.max_target_length}), "
+                    "so that every example fits in an empty row"
+                )
         for key in ("max_input_length", "max_target_length"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -123,6 +158,12 @@ class DataSpec:
         for key in ("num_train", "num_eval"):
             if self.source.kind == "synthetic" and getattr(self.source, key) <= 0:
                 raise DataError(f"data.source.{key} must be positive, got {getattr(self.source, key)}")
+
+    def packing_spec(self) -> PackingSpec | None:
+        """The :class:`PackingSpec` of ``packing`` (None when packing is off)."""
+        if not self.packing.enabled:
+            return None
+        return self.packing.spec(self.max_input_length, self.max_target_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +192,8 @@ def load_source(source: SourceSpec, *, seed: int, partition_columns: Sequence[st
     builtin = {"id", "input", "target", "length_bucket"} | ({"client"} if source.kind == "client_folder" else set())
     wanted = [c for c in partition_columns if c not in builtin]
     if source.kind == "synthetic":
-        common = dict(small_talk_turns=tuple(source.small_talk_turns), extra_fact_prob=source.extra_fact_prob)
+        common = dict(small_talk_turns=tuple(source.small_talk_turns), extra_fact_prob=source.extra_fact_prob,
+                      lengths=source.lengths)
         # Distinct seeds keep eval dialogues out of the training set's random stream.
         train = synthetic_examples(source.num_train, seed=seed, id_prefix="train", **common)
         evaluation = synthetic_examples(source.num_eval, seed=seed + 1_000_003, id_prefix="eval", **common)
@@ -257,6 +299,7 @@ class FederatedData:
     seed: int
     eval_batch_size: int
     truncation: dict[str, TruncationReport]
+    packing: PackingSpec | None = None
 
     @property
     def num_clients(self) -> int:
@@ -292,13 +335,32 @@ class FederatedData:
             num_slots=num_slots, num_real=self.real_examples_per_round(k),
         )
 
+    def _packed(self, client: int | str, round_index: int) -> dict[str, np.ndarray]:
+        """One client's packed round ``[steps, R, L]`` (``packing.pack_round``; module docs)."""
+        k = self._position(client)
+        epochs = self.local_work.epochs
+        packed = pack_round(
+            self.train_tokens, self.partition.client_indices[k], seed=self.seed, round_index=int(round_index),
+            client=k, num_rows=self.steps_per_round * self.batch_size, spec=self.packing,
+            num_examples=None if epochs is None else max(1, round(epochs * self.num_examples(k))),
+        )
+        shape = (self.steps_per_round, self.batch_size)
+        return {key: v.reshape(*shape, *v.shape[1:]) for key, v in packed.batch.items()}
+
     def client_round_batches(self, client: int | str, round_index: int) -> dict[str, np.ndarray]:
-        """One client's round: arrays ``[steps, B, L]`` (``example_weight`` ``[steps, B]``)."""
+        """One client's round: arrays ``[steps, B, L]`` (``example_weight`` ``[steps, B]``).
+
+        With packing, ``B`` counts packed rows (``docs/data.md``, "Packing")."""
+        if self.packing is not None:
+            return self._packed(client, round_index)
         indices, weights = self._slots(client, round_index)
         return batching.gather_batches(self.train_tokens, indices, weights, (self.steps_per_round, self.batch_size))
 
     def clients_round_batches(self, clients: Sequence[int | str], round_index: int) -> dict[str, np.ndarray]:
         """A group of clients stacked for vmapped execution: arrays ``[C, steps, B, L]``."""
+        if self.packing is not None:
+            rounds = [self._packed(c, round_index) for c in clients]
+            return {key: np.stack([r[key] for r in rounds]) for key in rounds[0]}
         slots = [self._slots(c, round_index) for c in clients]
         indices = np.concatenate([s[0] for s in slots])
         weights = np.concatenate([s[1] for s in slots])
@@ -309,16 +371,23 @@ class FederatedData:
         """Shapes of one client's round (prepend ``C`` for a client group)."""
         s, b = self.steps_per_round, self.batch_size
         src, tgt = self.train_tokens.input_ids.shape[1], self.train_tokens.labels.shape[1]
-        return {"input_ids": (s, b, src), "attention_mask": (s, b, src), "decoder_input_ids": (s, b, tgt),
-                "labels": (s, b, tgt), "decoder_attention_mask": (s, b, tgt), "example_weight": (s, b)}
+        if self.packing is not None:
+            src, tgt = self.packing.input_length, self.packing.target_length
+        shapes = {"input_ids": (s, b, src), "attention_mask": (s, b, src), "decoder_input_ids": (s, b, tgt),
+                  "labels": (s, b, tgt), "decoder_attention_mask": (s, b, tgt), "example_weight": (s, b)}
+        if self.packing is not None:
+            shapes.update({key: (s, b, src if key.startswith("encoder") else tgt) for key in PACKED_KEYS})
+        return shapes
 
-    def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None) -> Iterator[dict]:
-        """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0)."""
+    def eval_batches(self, batch_size: int | None = None, max_examples: int | None = None,
+                     by_length: bool = False) -> Iterator[dict]:
+        """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0);
+        ``by_length``: sorted by source length and cut to a few widths (``batching.eval_batches``)."""
         n = len(self.eval_tokens) if max_examples is None else min(max_examples, len(self.eval_tokens))
         t = self.eval_tokens
         tokens = TokenizedExamples(t.input_ids[:n], t.input_lengths[:n], t.labels[:n], t.label_lengths[:n])
         return batching.eval_batches(tokens, self.eval_examples.targets[:n], batch_size or self.eval_batch_size,
-                                     ids=self.eval_examples.ids[:n])
+                                     ids=self.eval_examples.ids[:n], by_length=by_length)
 
     def report(self) -> dict[str, Any]:
         """Partition counts, truncation counts and batch geometry, for logs and summary.json."""
@@ -328,6 +397,7 @@ class FederatedData:
             "steps_per_round": self.steps_per_round,
             "batch_size": self.batch_size,
             "num_eval_examples": len(self.eval_tokens),
+            "packing": None if self.packing is None else dataclasses.asdict(self.packing),
         }
 
 
@@ -360,6 +430,10 @@ def build_federated_data(
     eval_tokens, eval_report = cached_tokenize(evaluation, tokenizer, spec.cache_dir, **token_kwargs)
     partition = partition_examples(train, train_tokens, part, seed=seed, num_clients=num_clients)
     largest = max(len(i) for i in partition.client_indices)
+    packing = spec.packing_spec()
+    steps = local_work.steps_per_round(largest)
+    if packing is not None and local_work.epochs is not None:
+        steps = packed_epoch_steps(train_tokens, partition.client_indices, local_work, packing, seed=seed)
     return FederatedData(
         client_ids=list(partition.client_ids),
         partition=partition,
@@ -367,11 +441,32 @@ def build_federated_data(
         eval_tokens=eval_tokens,
         eval_examples=evaluation,
         local_work=local_work,
-        steps_per_round=local_work.steps_per_round(largest),
+        steps_per_round=steps,
         seed=seed,
         eval_batch_size=eval_batch_size,
         truncation={"train": train_report, "eval": eval_report},
+        packing=packing,
     )
+
+
+def packed_epoch_steps(tokens: TokenizedExamples, client_indices: Sequence[np.ndarray], local_work: batching.LocalWork,
+                       spec: PackingSpec, *, seed: int, margin: float = 1.25) -> int:
+    """Static steps per round for ``local_epochs`` with packing.
+
+    The rows a client's ``round(E n_c)`` examples need vary a little with each round's
+    shuffle, so the run sizes its rounds from the round-0 packing of every client, times
+    ``margin`` (+1 row), never above the unpacked count (one example per row always fits).
+    A later round that still overflows is a ``DataError`` naming the rows it needed.
+    """
+    from fedjax_fm.data.packing import _PACK_STREAM, rows_needed
+
+    rows = 0
+    for k, indices in enumerate(client_indices):
+        m = max(1, round(local_work.epochs * len(indices)))
+        stream, _ = batching.round_slots(indices, seed=seed, round_index=0, client=k, num_slots=m, num_real=m)
+        rows = max(rows, rows_needed(tokens, stream, spec, np.random.default_rng([seed, 0, k, _PACK_STREAM])))
+    unpacked = local_work.steps_per_round(max(len(i) for i in client_indices))
+    return max(1, min(unpacked, -(-int(np.ceil(rows * margin) + 1) // local_work.batch_size)))
 
 
 

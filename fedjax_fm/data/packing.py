@@ -344,6 +344,7 @@ __all__ = [
     "PackedRows",
     "PackingSpec",
     "assemble_rows",
+    "example_lengths",
     "first_fit",
     "pack_examples",
     "pack_round",
@@ -352,3 +353,22 @@ __all__ = [
     "padding_efficiency",
     "rows_needed",
 ]
+
+
+def example_lengths(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(source_lengths, target_lengths)`` of the real examples of a batch, packed or not,
+    any leading axes: one entry per segment of a weight-1 row (per row when unpacked)."""
+    w = np.asarray(batch["example_weight"]).reshape(-1) > 0
+    src_mask = np.asarray(batch["attention_mask"]).reshape(w.size, -1)[w]
+    tgt_mask = np.asarray(batch["decoder_attention_mask"]).reshape(w.size, -1)[w]
+    if "decoder_segment_ids" not in batch:
+        return src_mask.sum(-1), tgt_mask.sum(-1)
+    src_seg = np.asarray(batch["encoder_segment_ids"]).reshape(w.size, -1)[w]
+    tgt_seg = np.asarray(batch["decoder_segment_ids"]).reshape(w.size, -1)[w]
+    k = int(tgt_seg.max(initial=0))
+    segments = np.arange(1, k + 1)
+    # [rows, k]: slots of each segment (0 for segments a row does not have).
+    src = (src_seg[:, :, None] == segments).sum(1)
+    tgt = (tgt_seg[:, :, None] == segments).sum(1)
+    has = tgt > 0
+    return src[has], tgt[has]

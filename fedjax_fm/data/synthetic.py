@@ -67,7 +67,17 @@ SMALL_TALK = (
     ("I made soup for the whole week", "smart, I should do that too"),
     ("traffic was terrible this morning", "same here, I was stuck for ages"),
     ("did you get my photos?", "yes, they look amazing"),
+    ("what are you cooking tonight?", "probably just pasta, nothing fancy"),
+    ("my sister is visiting next month", "nice, tell her I said hi"),
+    ("I can't find my glasses anywhere", "did you check the car?"),
+    ("the new cafe downtown is really good", "I have to try it then"),
+    ("I'm so tired after this week", "me too, I need a long sleep"),
+    ("have you watched the new series?", "only the first episode so far"),
 )
+# Single utterances that fill an odd slot of a long dialogue without changing the plan.
+FILLERS = ("haha", "lol", "one sec", "wait", "ok", "true", "right?", "hmm", ":D", "brb")
+# SAMSum's dialogues spread about evenly over these utterance counts (3-30).
+SAMSUM_UTTERANCE_BUCKETS = ((3, 6), (7, 12), (13, 18), (19, 30))
 OPENERS = ("hey", "hi", "hello", "hey there", "morning", "hi again", "yo")
 REPLIES = ("hi!", "hey, what's up?", "hello :)", "hi, all good?", "hey! tell me")
 AGREE = ("sounds good", "ok, deal", "great, see you then", "perfect", "sure thing", "works for me", "cool, thanks")
@@ -200,14 +210,56 @@ INTENTS = {
 }
 
 
+def _samsum_dialogue(rng: np.random.Generator, extra_fact_prob: float) -> tuple[str, str, str]:
+    """A dialogue of ``n`` utterances, ``n`` drawn like SAMSum's: a bucket of
+    :data:`SAMSUM_UTTERANCE_BUCKETS` uniformly, then ``n`` uniformly within it.
+
+    The plan (2 utterances) and a closing line are always there; an opening exchange
+    from 5 utterances, the optional extra fact (2) from 7; small-talk pairs (and one
+    filler for an odd count) make up the rest.
+    """
+    lo, hi = SAMSUM_UTTERANCE_BUCKETS[int(rng.integers(len(SAMSUM_UTTERANCE_BUCKETS)))]
+    n = int(rng.integers(lo, hi + 1))
+    intent = _pick(rng, tuple(INTENTS))
+    a, b, c = (NAMES[int(i)] for i in rng.choice(len(NAMES), size=3, replace=False))
+    plan, summary = INTENTS[intent](rng, a, b)
+    opening = [(a, _pick(rng, OPENERS)), (b, _pick(rng, REPLIES))] if n >= 5 else []
+    extra = []
+    if n >= 7 and rng.random() < extra_fact_prob:
+        thing = _pick(rng, BRING)
+        extra = [(a, f"can you bring {thing}?"), (b, _pick(rng, (f"sure, I'll bring {thing}", f"yes, I'll take {thing}")))]
+        summary += f" {b} will bring {thing}."
+    rest = n - len(plan) - 1 - len(opening) - len(extra)
+    talkers = (a, b, c) if rng.random() < 0.3 else (a, b)
+    small = []
+    pairs = rest // 2
+    for k in rng.choice(len(SMALL_TALK), size=pairs, replace=pairs > len(SMALL_TALK)):
+        first = _pick(rng, talkers)
+        second = _pick(rng, tuple(t for t in talkers if t != first))
+        small += [(first, SMALL_TALK[int(k)][0]), (second, SMALL_TALK[int(k)][1])]
+    if rest % 2:
+        small.insert(2 * int(rng.integers(pairs + 1)), (_pick(rng, talkers), _pick(rng, FILLERS)))  # between pairs
+    turns = opening + small + plan + extra
+    turns.append((_pick(rng, (a, b)), _pick(rng, ("bye!", "see you", ":)", "ok", "thanks!"))))
+    dialogue = "\n".join(f"{speaker}: {text}" for speaker, text in turns)
+    return dialogue, summary, intent
+
+
 def synthetic_dialogue(rng: np.random.Generator, *, small_talk_turns: tuple[int, int] = (0, 2),
-                       extra_fact_prob: float = 0.3) -> tuple[str, str, str]:
+                       extra_fact_prob: float = 0.3, lengths: str = "samsum") -> tuple[str, str, str]:
     """One (dialogue, summary, intent) triple drawn from ``rng``.
 
-    ``small_talk_turns = (lo, hi)`` draws between ``lo`` and ``hi`` (inclusive) exchanges
-    of small talk that do not change the summary; ``extra_fact_prob`` is the chance that
-    one speaker also agrees to bring something, which adds a second summary sentence.
+    ``lengths="samsum"``: the number of utterances follows SAMSum's spread (3-30, about
+    evenly over 3-6, 7-12, 13-18 and 19-30; :func:`_samsum_dialogue`), and
+    ``small_talk_turns`` is ignored. ``lengths="small_talk"``: ``small_talk_turns =
+    (lo, hi)`` draws between ``lo`` and ``hi`` (inclusive) exchanges of small talk that
+    do not change the summary. Either way ``extra_fact_prob`` is the chance that one
+    speaker also agrees to bring something, which adds a second summary sentence.
     """
+    if lengths == "samsum":
+        return _samsum_dialogue(rng, extra_fact_prob)
+    if lengths != "small_talk":
+        raise ValueError(f"lengths must be 'samsum' or 'small_talk', got {lengths!r}")
     intent = _pick(rng, tuple(INTENTS))
     a, b, c = (NAMES[int(i)] for i in rng.choice(len(NAMES), size=3, replace=False))
     plan, summary = INTENTS[intent](rng, a, b)
@@ -229,7 +281,7 @@ def synthetic_dialogue(rng: np.random.Generator, *, small_talk_turns: tuple[int,
 
 
 def synthetic_examples(num_examples: int, *, seed: int = 0, small_talk_turns: tuple[int, int] = (0, 2),
-                       extra_fact_prob: float = 0.3, id_prefix: str = "syn") -> TextExamples:
+                       extra_fact_prob: float = 0.3, id_prefix: str = "syn", lengths: str = "samsum") -> TextExamples:
     """``num_examples`` synthetic dialogues, reproducible from ``seed``.
 
     Example ``i`` is drawn from ``default_rng([seed, i])``, so a larger set extends a
@@ -239,7 +291,8 @@ def synthetic_examples(num_examples: int, *, seed: int = 0, small_talk_turns: tu
     dialogues, summaries, intents = [], [], []
     for i in range(num_examples):
         dialogue, summary, intent = synthetic_dialogue(
-            np.random.default_rng([seed, i]), small_talk_turns=small_talk_turns, extra_fact_prob=extra_fact_prob
+            np.random.default_rng([seed, i]), small_talk_turns=small_talk_turns, extra_fact_prob=extra_fact_prob,
+            lengths=lengths,
         )
         dialogues.append(dialogue)
         summaries.append(summary)

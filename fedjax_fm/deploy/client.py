@@ -51,7 +51,8 @@ from fedjax_fm.deploy.device_data import DeviceData
 from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_tree, payload_bytes
 from fedjax_fm.energy.meter import CallRecord
 from fedjax_fm.training import builders
-from fedjax_fm.training.round import count_client_work
+from fedjax_fm.models.flops import ExampleFlops
+from fedjax_fm.training.round import count_client_work, useful_train_flops
 
 
 class DeviceClient(Client):
@@ -72,6 +73,7 @@ class DeviceClient(Client):
         self.energy = builders.build_energy(cfg, log)
         self.step_flops = builders.train_step_flops(cfg, pieces.model, self.data.tokens.input_ids.shape[1],
                                                     self.data.tokens.labels.shape[1])
+        self.example_flops = ExampleFlops(pieces.model.config, cfg.lora)  # MFU's useful work: real examples only
         self.compiled = False
         self.rounds_trained = 0
         log(f"device {self.client_id}: {self.data.num_examples} examples in {self.data.path}; "
@@ -128,6 +130,9 @@ class DeviceClient(Client):
             "energy_is_estimate": self.energy.is_estimate,
             "bytes_received": received,
             "bytes_sent": payload_bytes(parameters),
+            # padding_efficiency = real slots / slots, summed over the round's devices by the server
+            "real_slots": real_slots(batches),
+            "slots": float(batches["attention_mask"].size + batches["decoder_attention_mask"].size),
         }
         metrics_out = {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and not np.isfinite(v))}
         return FitRes(Status(Code.OK, "ok"), parameters, int(round(float(host["n"]))), metrics_out)
@@ -138,8 +143,15 @@ class DeviceClient(Client):
 
         The one place a device computes; the test suite's fault drills override it.
         """
+        useful_flops = useful_train_flops(self.example_flops, batches)  # host-side, before the metered call
         with self.energy.meter.section("client") as section:
             delta, num_examples, metrics = section.block(self.update(trainable, self.frozen, batches, rng))
-            section.tokens, section.flops = count_client_work(metrics, self.step_flops)
+            section.tokens, section.flops = count_client_work(metrics, self.step_flops, useful_flops)
         host = jax.device_get({"n": num_examples, **metrics})
         return delta, host, section.record
+
+
+def real_slots(batches: dict) -> float:
+    """Real token slots of a device's round: Σ (attention_mask + decoder_attention_mask) · weight."""
+    w = np.asarray(batches["example_weight"], np.float64)[..., None]
+    return float((np.asarray(batches["attention_mask"]) * w).sum() + (np.asarray(batches["decoder_attention_mask"]) * w).sum())

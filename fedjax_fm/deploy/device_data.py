@@ -10,7 +10,9 @@ rebuilds exactly that client's rounds itself::
 
 with the same tokenizer, prompt, maximum lengths, batch size and local steps as the
 config -- the same NumPy generator ``default_rng([seed, round, k])`` as simulation,
-hence the same batches.
+hence the same batches. With ``data.packing`` on, the device packs its own examples
+with the simulation's packer (``packing.pack_round`` with the same seed, round and
+position), so its packed rows are the simulation's too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from fedjax_fm.config import ExperimentConfig
 from fedjax_fm.data import batching
 from fedjax_fm.data.local_files import SUFFIX_FORMATS, read_examples
+from fedjax_fm.data.packing import pack_round
 from fedjax_fm.data.records import DataError
 from fedjax_fm.data.tokenize import tokenize_examples
 
@@ -68,10 +71,16 @@ class DeviceData:
         self.seed = cfg.seed
         self.local_work = batching.LocalWork(cfg.federated.batch_size, steps=cfg.federated.local_steps)
         self.steps = self.local_work.steps_per_round(self.num_examples)
+        self.packing = cfg.data.packing_spec()
 
     def round_batches(self, position: int, round_index: int) -> dict[str, np.ndarray]:
         """Arrays ``[steps, B, L]`` of round ``round_index`` for the client at ``position``."""
         batch_size = self.local_work.batch_size
+        if self.packing is not None:
+            packed = pack_round(self.tokens, np.arange(self.num_examples), seed=self.seed,
+                                round_index=int(round_index), client=int(position),
+                                num_rows=self.steps * batch_size, spec=self.packing)
+            return {k: v.reshape(self.steps, batch_size, *v.shape[1:]) for k, v in packed.batch.items()}
         indices, weights = batching.round_slots(
             np.arange(self.num_examples), seed=self.seed, round_index=int(round_index), client=int(position),
             num_slots=self.steps * batch_size,

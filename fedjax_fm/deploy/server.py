@@ -316,6 +316,9 @@ class DeployStrategy(Strategy):
                                          len(updates)),
             )
             row["nonfinite_clients"] = [name for (name, _, _), v in zip(updates, valid) if not v]
+            if all("slots" in r and "real_slots" in r for r in reports):
+                # The simulation's padding_efficiency of the stacked round: Σ real slots / Σ slots.
+                row["padding_efficiency"] = sum(r["real_slots"] for r in reports) / max(sum(r["slots"] for r in reports), 1.0)
         else:
             # Nothing to aggregate: the round passes unapplied, exactly as server_step would leave it.
             self.state = self.state.replace(round=self.state.round + 1)

@@ -10,8 +10,10 @@ batch means, which would over-weight short batches).
 
 ROUGE (see :mod:`fedjax_fm.eval.rouge`) compares the greedy generation for each
 real example (decoded, special tokens skipped) with its reference text. The loss
-and the generation are separate compiled functions, each compiled once for the
-run (every batch has the same shape).
+and the generation are separate compiled functions, each compiled once per batch
+width for the run (the run's batches are sorted by length and cut to a few widths,
+``data.eval_batches(by_length=True)``; ROUGE and the loss are means over examples
+and tokens, so the order of the batches does not change them).
 """
 
 from __future__ import annotations

@@ -220,3 +220,28 @@ def generation_flops(config: T5Config, batch_size: int, source_len: int, max_new
         for t in range(max_new_tokens)
     )
     return encode_flops(config, batch_size, source_len, lora) + counter.forward + steps
+
+
+class ExampleFlops:
+    """Useful training FLOPs of real examples, each counted at its own lengths.
+
+    ``ExampleFlops(config, lora)(source_lengths, target_lengths)`` =
+    ``Σ_i train_step_flops(config, 1, s_i, t_i).total``: the work the examples need
+    alone (attention quadratic in each example's own length), which is what a packed
+    row's segment-masked attention computes usefully and what MFU counts (PaLM's
+    definition: model FLOPs of the real tokens, not of padding). Counts are cached per
+    ``(s, t)`` pair, so a round's examples cost a dictionary look-up each.
+    """
+
+    def __init__(self, config: T5Config, lora: LoraConfig | None = None):
+        self.config, self.lora = config, lora
+        self._cache: dict[tuple[int, int], int] = {}
+
+    def one(self, source_len: int, target_len: int) -> int:
+        key = (int(source_len), int(target_len))
+        if key not in self._cache:
+            self._cache[key] = train_step_flops(self.config, 1, key[0], key[1], lora=self.lora).total
+        return self._cache[key]
+
+    def __call__(self, source_lengths, target_lengths) -> int:
+        return int(sum(self.one(s, t) for s, t in zip(source_lengths, target_lengths) if s > 0 and t > 0))

@@ -68,7 +68,8 @@ from fedjax_fm.training.record import (
     round_row,
 )
 from fedjax_fm.training.report import format_value, plot_run
-from fedjax_fm.training.round import metered_clients, metered_server_step
+from fedjax_fm.models.flops import ExampleFlops
+from fedjax_fm.training.round import metered_clients, metered_server_step, round_padding_efficiency, useful_train_flops
 
 
 class Experiment:
@@ -122,6 +123,7 @@ class Experiment:
         self.state = self.algorithm.init(trainable, cfg.seed)
         shapes = self.data.batch_shapes()
         self.step_flops = builders.train_step_flops(cfg, self.model, shapes["input_ids"][2], shapes["labels"][2])
+        self.example_flops = ExampleFlops(self.model.config, cfg.lora)  # MFU's useful work: real examples only
         self.trainable_bytes = fl.tree_nbytes(trainable)
         num = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
         self.num_trainable = num(trainable)
@@ -193,7 +195,7 @@ class Experiment:
         ids, batches = self._round_inputs(round_index)
         meter = self.energy.meter
         outputs, client = metered_clients(self.algorithm, self.state, self.frozen, batches, ids, meter,
-                                          self.step_flops)
+                                          self.step_flops, useful_train_flops(self.example_flops, batches))
         self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, meter)
         clients = jax.device_get({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
         real = np.ones(len(ids), bool) if self.privacy is None else self.round_mask  # Poisson: padded slots
@@ -206,6 +208,7 @@ class Experiment:
             losses=clients["loss"], num_examples=clients["n"], client_valid=host["client_valid"],
             num_valid=host["num_valid_clients"], applied=host["applied"], comm=comm,
         )
+        row["padding_efficiency"] = round_padding_efficiency(batches)
         if self.privacy is not None:
             self.privacy.record_round(row, host)
         last = round_ == self.last_round

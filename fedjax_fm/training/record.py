@@ -45,7 +45,7 @@ METRIC_FIELDS = (
     "tokens", "client_seconds", "client_joules", "server_seconds", "server_joules",
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
     "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
-    "energy_source", "energy_is_estimate",
+    "energy_source", "energy_is_estimate", "padding_efficiency",
     # DP-FedAvg (training/privacy.py) and per-client quality (training/per_client.py); null when off.
     "dp_epsilon", "dp_delta", "dp_clip_norm", "dp_noise_stddev",
     "client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std",
