@@ -141,8 +141,12 @@ class FederatedSection:
     backend: Literal["sequential", "vmap", "sharded"] = "sequential"
     local_optimizer: LocalOptimizerSection = dataclasses.field(default_factory=LocalOptimizerSection)
     server_optimizer: ServerOptimizerSection = dataclasses.field(default_factory=ServerOptimizerSection)
+    # The update codec (docs/federated.md, "Update codecs"): a spec mapping such as
+    # {name: quantize, bits: 8} or {name: chain, codecs: [...]}; null = float32 deltas.
+    compression: Optional[dict] = None
 
     def __post_init__(self) -> None:
+        _check_compression(self.compression)
         for key in ("rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "min_clients"):
             _positive(f"federated.{key}", getattr(self, key))
         if self.local_epochs is not None:
@@ -258,6 +262,18 @@ class ExperimentConfig:
 # ------------------------------------------------------------------ loading + errors
 
 
+def _check_compression(spec: Any) -> None:
+    """``federated.compression``: a codec spec that :func:`fedjax_fm.fl.make_codec` accepts."""
+    if spec is None:
+        return
+    from fedjax_fm.fl.codecs import make_codec  # builds closures only; no array is touched
+
+    try:
+        make_codec(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _positive(key: str, value: Any) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{key} must be positive, got {value!r}")
@@ -333,6 +349,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
         return _build(tp, value, key)
+    if tp is dict:  # a free-form mapping checked by its section (e.g. federated.compression)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _deep_copy(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

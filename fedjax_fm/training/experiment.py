@@ -50,6 +50,7 @@ from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders
 from fedjax_fm.training.checkpoint import CheckpointError
 from fedjax_fm.training.compile_watch import CompileWatch
+from fedjax_fm.training.compression import RunCompression, compression_fields
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 from fedjax_fm.training.record import (
     RunError,
@@ -92,6 +93,7 @@ class Experiment:
         self.energy = builders.build_energy(cfg, self.say)
         self.progress.energy_is_estimate = self.energy.is_estimate
         self.state = self.algorithm.init(trainable, cfg.seed)
+        self.compression = RunCompression(cfg.federated.compression, trainable, self.data.num_clients)
         shapes = self.data.batch_shapes()
         self.step_flops = builders.train_step_flops(cfg, self.model, shapes["input_ids"][2], shapes["labels"][2])
         self.trainable_bytes = fl.tree_nbytes(trainable)
@@ -140,6 +142,8 @@ class Experiment:
         t0 = time.perf_counter()
         ids, batches = self._round_inputs(round_index)
         outputs = self.algorithm.run_clients(self.state, self.frozen, batches, ids)
+        if self.compression.enabled:
+            self.compression.warm_up(outputs, self.state, ids)
         jax.block_until_ready(self.algorithm.server_step(self.state, outputs))
         self.say(f"compiled the client and server steps in {time.perf_counter() - t0:.1f} s (not metered)")
 
@@ -153,16 +157,21 @@ class Experiment:
         meter = self.energy.meter
         outputs, client = metered_clients(self.algorithm, self.state, self.frozen, batches, ids, meter,
                                           self.step_flops)
+        codec = None
+        if self.compression.enabled:  # encode per client (own key, own state), decode before aggregation
+            outputs, codec = self.compression.apply(outputs, self.state, ids, meter)
         self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, meter)
         clients = jax.device_get({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
         # Each sampled client downloads the trainable parameters and uploads its delta
         # (same shapes); with LoRA the frozen base is never sent.
-        comm = round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, len(ids))
+        # (With a codec, the upload is the encoded payload: self.compression.bytes_up.)
+        comm = round_communication(self.energy.network, self.compression.bytes_up, self.trainable_bytes, len(ids))
         row = round_row(
             self._row(round_), clients=len(ids), client=client_phase([client]), server=server,
             losses=clients["loss"], num_examples=clients["n"], client_valid=host["client_valid"],
             num_valid=host["num_valid_clients"], applied=host["applied"], comm=comm,
         )
+        compression_fields(row, self.compression, len(ids), codec)
         if round_ % cfg.eval.every == 0 or round_ == cfg.federated.rounds:
             self._evaluate(row)
         return row
@@ -174,9 +183,9 @@ class Experiment:
         started = time.perf_counter()
         self.prepare()
         recorder = self.recorder
-        restored = recorder.restore(self.state)
+        restored = recorder.restore(self.compression.checkpoint_tree(self.state))
         if restored is not None:
-            self.state = self.algorithm.executor.place(restored)
+            self.state = self.algorithm.executor.place(self.compression.restored(restored))
         board = TensorBoardWriter(str(self.out_dir / "tensorboard"), enabled=cfg.output.tensorboard, say=self.say)
         for row in recorder.rows:
             board.write(row)
@@ -206,7 +215,7 @@ class Experiment:
                 # Past the first round and the first evaluation every shape has been seen.
                 self.say(f"warning: round {round_} compiled {watch.count} function(s) again "
                          f"({', '.join(sorted(set(watch.names)))}): a shape or static argument changed")
-            row = recorder.record(row, self.state)
+            row = recorder.record(row, self.compression.checkpoint_tree(self.state))
             board.write(row)
             self.progress.round_done(row)
         board.close()

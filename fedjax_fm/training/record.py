@@ -44,11 +44,13 @@ METRIC_FIELDS = (
     "bytes_up", "bytes_down", "comm_seconds", "comm_joules", "tps", "tps_per_watt", "mfu", "granularity",
     "model_flops", "examples", "valid_clients", "applied", "eval_seconds", "eval_joules", "wall_seconds", "compiles",
     "energy_source", "energy_is_estimate",
+    "bytes_up_raw", "compression_ratio", "codec_seconds",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 # Sums over the training rounds in summary.json's "totals".
 TOTAL_FIELDS = ("tokens", "client_seconds", "client_joules", "server_seconds", "server_joules",
-                "comm_seconds", "comm_joules", "bytes_up", "bytes_down", "model_flops", "wall_seconds")
+                "comm_seconds", "comm_joules", "bytes_up", "bytes_down", "model_flops", "wall_seconds",
+                "bytes_up_raw", "codec_seconds")
 
 # Config keys whose change makes a resumed run a different experiment (all of these
 # sections except the number of rounds, which may be raised to extend a run).
