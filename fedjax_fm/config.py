@@ -236,6 +236,29 @@ class OutputSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CostSection:
+    """Cost-to-target and quality-within-budget in ``summary.json`` (``fedjax_fm.training.cost``).
+
+    ``target_rougeL``: the ROUGE-L whose cost (rounds, bytes, joules, modelled seconds)
+    is reported; null = ``target_fraction`` of the best ROUGE-L the run reached.
+    ``budget_bytes`` (up + down) and ``budget_joules`` (client + server + comm): report
+    the best ROUGE-L reached within them (null: not reported).
+    """
+
+    target_rougeL: Optional[float] = None
+    target_fraction: float = 0.9
+    budget_bytes: Optional[float] = None
+    budget_joules: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_fraction <= 1.0:
+            raise ConfigError(f"cost.target_fraction must be in (0, 1], got {self.target_fraction}")
+        for key in ("budget_bytes", "budget_joules"):
+            if getattr(self, key) is not None:
+                _positive(f"cost.{key}", getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. ``lora: null`` is full fine-tuning.
 
@@ -254,6 +277,7 @@ class ExperimentConfig:
     energy: EnergySection = dataclasses.field(default_factory=EnergySection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    cost: CostSection = dataclasses.field(default_factory=CostSection)
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)

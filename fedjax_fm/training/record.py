@@ -34,6 +34,7 @@ from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
+from fedjax_fm.training.cost import cost_to_target, quality_within_budget
 from fedjax_fm.training.fingerprint import params_sha256
 
 # The per-round fields of metrics.jsonl, in this order; null where not measured or
@@ -293,6 +294,9 @@ class RunRecorder:
             "best_rougeL": max((r["rougeL"] for r in evaluated), default=None),
             "final_train_loss": next((r["train_loss"] for r in reversed(rows) if r.get("train_loss") is not None), None),
             "totals": run_totals(rows, total_fields),
+            "cost_to_target": cost_to_target(rows, cfg.cost.target_rougeL, cfg.cost.target_fraction),
+            "quality_within_budget": quality_within_budget(rows, budget_bytes=cfg.cost.budget_bytes,
+                                                           budget_joules=cfg.cost.budget_joules),
             "energy_source": energy_label,
             "energy_is_estimate": energy_is_estimate,
             **(extra or {}),
