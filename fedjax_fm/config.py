@@ -185,8 +185,12 @@ class FederatedSection:
     # ``examples`` with ``dp`` is refused). ``dp``: null = no differential privacy.
     weighting: Optional[Literal["examples", "uniform"]] = None
     dp: Optional[DPSection] = None
+    # The update codec (docs/federated.md, "Update codecs"): a spec mapping such as
+    # {name: quantize, bits: 8} or {name: chain, codecs: [...]}; null = float32 deltas.
+    compression: Optional[dict] = None
 
     def __post_init__(self) -> None:
+        _check_compression(self.compression)
         for key in ("rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "min_clients"):
             _positive(f"federated.{key}", getattr(self, key))
         if self.local_epochs is not None:
@@ -286,6 +290,29 @@ class OutputSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CostSection:
+    """Cost-to-target and quality-within-budget in ``summary.json`` (``fedjax_fm.training.cost``).
+
+    ``target_rougeL``: the ROUGE-L whose cost (rounds, bytes, joules, modelled seconds)
+    is reported; null = ``target_fraction`` of the best ROUGE-L the run reached.
+    ``budget_bytes`` (up + down) and ``budget_joules`` (client + server + comm): report
+    the best ROUGE-L reached within them (null: not reported).
+    """
+
+    target_rougeL: Optional[float] = None
+    target_fraction: float = 0.9
+    budget_bytes: Optional[float] = None
+    budget_joules: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_fraction <= 1.0:
+            raise ConfigError(f"cost.target_fraction must be in (0, 1], got {self.target_fraction}")
+        for key in ("budget_bytes", "budget_joules"):
+            if getattr(self, key) is not None:
+                _positive(f"cost.{key}", getattr(self, key))
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. ``lora: null`` is full fine-tuning.
 
@@ -304,12 +331,25 @@ class ExperimentConfig:
     energy: EnergySection = dataclasses.field(default_factory=EnergySection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    cost: CostSection = dataclasses.field(default_factory=CostSection)
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------ loading + errors
+
+
+def _check_compression(spec: Any) -> None:
+    """``federated.compression``: a codec spec that :func:`fedjax_fm.fl.make_codec` accepts."""
+    if spec is None:
+        return
+    from fedjax_fm.fl.codecs import make_codec  # builds closures only; no array is touched
+
+    try:
+        make_codec(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _positive(key: str, value: Any) -> None:
@@ -392,6 +432,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
         return _build(tp, value, key)
+    if tp is dict:  # a free-form mapping checked by its section (e.g. federated.compression)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _deep_copy(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

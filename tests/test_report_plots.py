@@ -41,8 +41,10 @@ def test_report_table_and_overlays(tmp_path):
     b = _write_run(tmp_path / "fedavg", 1.0, joules=False)
     report = write_report([a, b], tmp_path / "out")
     text = report.read_text()
-    lines = [line for line in text.splitlines() if line.startswith("| fed")]
+    scores, costs = text.split("Cost to reach")  # the scores table, then the cost-to-target table
+    lines = [line for line in scores.splitlines() if line.startswith("| fed")]
     assert len(lines) == 2
+    assert [line.split(" | ")[1] for line in costs.splitlines() if line.startswith("| fed")] == ["3", "not reached"]
     adam = lines[0].split(" | ")
     assert adam[0] == "| fedadam" and adam[1] == "3"  # rounds
     assert "25.00 (3)" in lines[0]  # best ROUGE-L and its round

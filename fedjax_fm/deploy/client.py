@@ -26,6 +26,7 @@ test-only ClientApp (``tests/drill_app/``) instead of living in this code.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -52,6 +53,8 @@ from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_tree, pa
 from fedjax_fm.energy.meter import CallRecord
 from fedjax_fm.training import builders
 from fedjax_fm.models.flops import ExampleFlops
+from fedjax_fm.training.compression import encode_one
+from fedjax_fm.training.fingerprint import key_path_name, named_leaves
 from fedjax_fm.training.round import count_client_work, useful_train_flops
 
 
@@ -76,6 +79,11 @@ class DeviceClient(Client):
         self.example_flops = ExampleFlops(pieces.model.config, cfg.lora)  # MFU's useful work: real examples only
         self.compiled = False
         self.rounds_trained = 0
+        # federated.compression: the device sends the codec's payload, not its float delta.
+        self.codec = fl.make_codec(cfg.federated.compression) if cfg.federated.compression is not None else None
+        if self.codec is not None:
+            self.encode = jax.jit(lambda delta, state, rng: encode_one(self.codec, delta, state, rng))
+            self.codec_state_dir = Path(data_dir) / "codec_state" / self.client_id
         log(f"device {self.client_id}: {self.data.num_examples} examples in {self.data.path}; "
             f"{self.data.steps} local steps of {cfg.federated.batch_size}; energy {self.energy.label}")
 
@@ -109,6 +117,11 @@ class DeviceClient(Client):
             self.compiled = True
             self.log(f"device {self.client_id}: compiled the client update in {time.perf_counter() - t0:.1f} s")
         delta, host, record = self.train(trainable, batches, rng, round_index)
+        encode_s = None
+        if self.codec is not None:
+            t0 = time.perf_counter()
+            delta = self.encode_delta(delta, rng, round_index)  # the payload: what travels
+            encode_s = time.perf_counter() - t0
         parameters = encode_tree(delta)
         self.rounds_trained += 1
         out: dict[str, Any] = {
@@ -133,9 +146,46 @@ class DeviceClient(Client):
             # padding_efficiency = real slots / slots, summed over the round's devices by the server
             "real_slots": real_slots(batches),
             "slots": float(batches["attention_mask"].size + batches["decoder_attention_mask"].size),
+            "encode_seconds": encode_s,
         }
         metrics_out = {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and not np.isfinite(v))}
         return FitRes(Status(Code.OK, "ok"), parameters, int(round(float(host["n"]))), metrics_out)
+
+    def encode_delta(self, delta: Any, rng: jax.Array, round_index: int) -> Any:
+        """The codec's payload of ``delta``, with the simulation's codec key for this client and round.
+
+        A stateful codec's state (top-k's error-feedback residual) is this device's own: it is
+        kept on disk, one file per round trained (``DATA/codec_state/<client>/<round>.npz``), and
+        round ``r`` starts from the newest file of a round before ``r`` -- so a server that
+        resumes from an older checkpoint and replays rounds gets the residuals it had then.
+        """
+        state = self.codec.init(delta)
+        stateful = bool(jax.tree.leaves(state))
+        if stateful:
+            state = self._load_codec_state(state, round_index)
+        payload, new_state = jax.block_until_ready(self.encode(delta, state, rng))
+        if stateful:
+            self._save_codec_state(new_state, round_index)
+        return payload
+
+    def _load_codec_state(self, fresh: Any, round_index: int) -> Any:
+        rounds = sorted(int(p.stem) for p in self.codec_state_dir.glob("*.npz") if p.stem.isdigit()) \
+            if self.codec_state_dir.is_dir() else []
+        before = [r for r in rounds if r < round_index]
+        if not before:
+            return fresh
+        with np.load(self.codec_state_dir / f"{before[-1]}.npz") as saved:
+            arrays = dict(saved)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+        if sorted(name for name, _ in named_leaves(fresh)) != sorted(arrays):
+            raise ValueError(f"device {self.client_id}: saved codec state {before[-1]}.npz does not match the codec")
+        return jax.tree_util.tree_unflatten(treedef, [arrays[key_path_name(path)] for path, _ in flat])
+
+    def _save_codec_state(self, state: Any, round_index: int) -> None:
+        self.codec_state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.codec_state_dir / f"{round_index}.tmp.npz"
+        np.savez(tmp, **{name: np.asarray(leaf) for name, leaf in named_leaves(jax.device_get(state))})
+        tmp.replace(self.codec_state_dir / f"{round_index}.npz")
 
     def train(self, trainable: Any, batches: dict, rng: jax.Array,
               round_index: int) -> tuple[Any, dict[str, Any], CallRecord]:

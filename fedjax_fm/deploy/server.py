@@ -67,6 +67,7 @@ from fedjax_fm.training.record import (
     round_communication,
     round_row,
 )
+from fedjax_fm.training.compression import RunCompression, compression_fields
 from fedjax_fm.training.round import metered_server_step
 
 # Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
@@ -132,6 +133,13 @@ class DeployStrategy(Strategy):
         self.algorithm = pieces.algorithm
         self.state = self.algorithm.init(pieces.trainable, cfg.seed)
         self.trainable_bytes = fl.tree_nbytes(pieces.trainable)
+        # federated.compression: devices send the codec's payload (their codec state, e.g. an
+        # error-feedback residual, stays on the device); the server decodes before aggregating.
+        self.compression = RunCompression(cfg.federated.compression, pieces.trainable, 0)
+        self.payload_template = jax.eval_shape(
+            self.compression.codec.encode, pieces.trainable,
+            jax.eval_shape(self.compression.codec.init, pieces.trainable), jax.random.PRNGKey(0))[0]
+        self.decode = jax.jit(self.compression.codec.decode)
         count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
         self.num_trainable = count(pieces.trainable)
         self.num_params = self.num_trainable + count(pieces.frozen)
@@ -263,7 +271,11 @@ class DeployStrategy(Strategy):
                 continue
             res.metrics["node_id"] = str(node)  # a string: node ids are unsigned 64-bit
             try:
-                delta = decode_tree(res.parameters, self.state.params)
+                t0 = time.perf_counter()
+                delta = decode_tree(res.parameters, self.payload_template)
+                if self.compression.enabled:
+                    delta = jax.block_until_ready(self.decode(delta))
+                    res.metrics["decode_seconds"] = time.perf_counter() - t0
             except WireError as error:
                 reasons.append(f"{name}: bad payload ({error})")
                 continue
@@ -312,9 +324,12 @@ class DeployStrategy(Strategy):
                 row, clients=len(updates), client=client_phase([_device_record(r) for r in reports]), server=server,
                 losses=[float(r["loss"]) for r in reports], num_examples=[float(r["num_examples"]) for r in reports],
                 client_valid=valid, num_valid=host["num_valid_clients"], applied=host["applied"],
-                comm=round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes,
+                comm=round_communication(self.energy.network, self.compression.bytes_up, self.trainable_bytes,
                                          len(updates)),
             )
+            codec_s = sum(float(r.get("encode_seconds", 0.0)) + float(r.get("decode_seconds", 0.0)) for r in reports)
+            compression_fields(row, self.compression, len(updates), None)
+            row["codec_seconds"] = codec_s if self.compression.enabled else None
             row["nonfinite_clients"] = [name for (name, _, _), v in zip(updates, valid) if not v]
             if all("slots" in r and "real_slots" in r for r in reports):
                 # The simulation's padding_efficiency of the stacked round: Σ real slots / Σ slots.

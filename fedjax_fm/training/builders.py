@@ -39,6 +39,7 @@ from fedjax_fm.models.generate import generate
 from fedjax_fm.models.loss import batch_loss
 from fedjax_fm.models.t5 import T5, init_params
 from fedjax_fm.models.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
+from fedjax_fm.training.compression import uses_ffa_lora
 
 # fold_in tags of the seed's independent random streams. Client training keys are
 # fold_in(fold_in(PRNGKey(seed), round), client) with round < 2^31; these tags are
@@ -251,14 +252,30 @@ def build_algorithm(cfg: ExperimentConfig, model: T5) -> fl.FederatedAlgorithm:
     """The :class:`fl.FederatedAlgorithm`: client AdamW (etc.) on the seq2seq loss, the server optimiser."""
     # Without any dropout the loss is deterministic and cheaper (no dropout masks).
     loss_fn = t5_loss_fn(model, dropout=uses_dropout(cfg, model))
-    client_update = fl.make_client_update(loss_fn, local_optimizer(cfg))
+    client_opt = local_optimizer(cfg)
     server_opt = fl.server_optimizer(cfg.federated.server_optimizer.name, **server_optimizer_kwargs(cfg))
+    client_opt, server_opt = ffa_lora_optimizers(cfg, client_opt, server_opt)
+    client_update = fl.make_client_update(loss_fn, client_opt)
     return fl.FederatedAlgorithm(
         client_update,
         server_opt,
         fl.make_aggregator(cfg.federated.weighting or "examples", min_clients=cfg.federated.min_clients),
         executor(cfg),
     )
+
+
+def ffa_lora_optimizers(cfg: ExperimentConfig, client_opt: optax.GradientTransformation,
+                        server_opt: optax.GradientTransformation
+                        ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """With an ``ffa_lora`` codec (FFA-LoRA: LoRA ``A`` frozen, only ``B`` sent), both optimisers
+    freeze ``A`` (``fl.freeze_lora_a``): the clients never change it, and neither does a
+    weight-decaying server optimiser. Unchanged otherwise."""
+    if not uses_ffa_lora(cfg.federated.compression):
+        return client_opt, server_opt
+    if cfg.lora is None:
+        raise ConfigError("federated.compression: codec 'ffa_lora' needs LoRA (set the lora section; "
+                          "lora=null is full fine-tuning, which has no A matrices to freeze)")
+    return fl.freeze_lora_a(client_opt), fl.freeze_lora_a(server_opt)
 
 
 def train_step_flops(cfg: ExperimentConfig, model: T5, source_length: int, target_length: int) -> float:

@@ -57,6 +57,7 @@ from fedjax_fm.training.model_card import write_model_card
 from fedjax_fm.training.per_client import PerClientEvaluator, hold_out_client_examples, last_per_client
 from fedjax_fm.training.privacy import RunPrivacy
 from fedjax_fm.training.interrupt import GracefulStop, RunInterrupted, interrupted_message, resume_command
+from fedjax_fm.training.compression import RunCompression, compression_fields
 from fedjax_fm.training.progress import ProgressPrinter, TensorBoardWriter
 from fedjax_fm.training.record import (
     RunError,
@@ -121,6 +122,7 @@ class Experiment:
         self.energy = builders.build_energy(cfg, self.say)
         self.progress.energy_is_estimate = self.energy.is_estimate
         self.state = self.algorithm.init(trainable, cfg.seed)
+        self.compression = RunCompression(cfg.federated.compression, trainable, self.data.num_clients)
         shapes = self.data.batch_shapes()
         self.step_flops = builders.train_step_flops(cfg, self.model, shapes["input_ids"][2], shapes["labels"][2])
         self.example_flops = ExampleFlops(self.model.config, cfg.lora)  # MFU's useful work: real examples only
@@ -183,6 +185,8 @@ class Experiment:
         self.say("compiling the client and server steps (XLA; once per run) ...")
         ids, batches = self._round_inputs(round_index)
         outputs = self.algorithm.run_clients(self.state, self.frozen, batches, ids)
+        if self.compression.enabled:
+            self.compression.warm_up(outputs, self.state, ids)
         jax.block_until_ready(self.algorithm.server_step(self.state, outputs))
         self.say(f"compiled the client and server steps in {time.perf_counter() - t0:.1f} s (not metered)")
 
@@ -196,19 +200,25 @@ class Experiment:
         meter = self.energy.meter
         outputs, client = metered_clients(self.algorithm, self.state, self.frozen, batches, ids, meter,
                                           self.step_flops, useful_train_flops(self.example_flops, batches))
+        codec = None
+        if self.compression.enabled:  # encode per client (own key, own state), decode before aggregation
+            outputs, codec = self.compression.apply(outputs, self.state, ids, meter)
         self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, meter)
         clients = jax.device_get({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
         real = np.ones(len(ids), bool) if self.privacy is None else self.round_mask  # Poisson: padded slots
         self.round_clients = ([int(i) for i in np.asarray(ids)[real]], [float(n) for n in np.asarray(clients["n"])[real]])
         # Each sampled client downloads the trainable parameters and uploads its delta
         # (same shapes); with LoRA the frozen base is never sent.
-        comm = round_communication(self.energy.network, self.trainable_bytes, self.trainable_bytes, int(real.sum()))
+        # (With a codec, the upload is the encoded payload: self.compression.bytes_up.)
+        comm = round_communication(self.energy.network, self.compression.bytes_up, self.trainable_bytes,
+                                   int(real.sum()))
         row = round_row(
             self._row(round_), clients=int(real.sum()), client=client_phase([client]), server=server,
             losses=clients["loss"], num_examples=clients["n"], client_valid=host["client_valid"],
             num_valid=host["num_valid_clients"], applied=host["applied"], comm=comm,
         )
         row["padding_efficiency"] = round_padding_efficiency(batches)
+        compression_fields(row, self.compression, int(real.sum()), codec)
         if self.privacy is not None:
             self.privacy.record_round(row, host)
         last = round_ == self.last_round
@@ -235,9 +245,9 @@ class Experiment:
             return finished
         self.prepare()
         recorder = self.recorder
-        restored = recorder.restore(self.state)
+        restored = recorder.restore(self.compression.checkpoint_tree(self.state))
         if restored is not None:
-            self.state = self.algorithm.executor.place(restored)
+            self.state = self.algorithm.executor.place(self.compression.restored(restored))
         board = TensorBoardWriter(str(self.out_dir / "tensorboard"), enabled=cfg.output.tensorboard, say=self.say)
         for row in recorder.rows:
             board.write(row)
@@ -278,7 +288,7 @@ class Experiment:
             # truncates the file to the checkpoint's round, dropping any entry past it).
             self.lineage.append(round_, *self.round_clients, self.variables(),
                                 extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
-            row = recorder.record(row, self.state)
+            row = recorder.record(row, self.compression.checkpoint_tree(self.state))
             board.write(row)
             self.progress.round_done(row)
             problem = round_warning(row, cfg.federated.min_clients)
@@ -288,7 +298,8 @@ class Experiment:
         stopped = int(self.state.round)
         if (stopped < cfg.federated.rounds and stopped > start_round and recorder.store is not None
                 and stopped % cfg.checkpoint.every != 0):  # DP target ε reached: checkpoint the last round too
-            recorder.store.save(stopped, self.state, recorder.rows, {"config": config_to_dict(cfg)}, force=True)
+            recorder.store.save(stopped, self.compression.checkpoint_tree(self.state), recorder.rows,
+                                {"config": config_to_dict(cfg)}, force=True)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
@@ -305,7 +316,7 @@ class Experiment:
     def _round_ends(self, round_: int) -> None:
         """After a round is recorded: stops here, checkpointed, if a signal came during it."""
         if self.stop is not None and self.stop.requested is not None:
-            self.recorder.checkpoint_now(round_, self.state)
+            self.recorder.checkpoint_now(round_, self.compression.checkpoint_tree(self.state))
             raise RunInterrupted(self.stop.requested, finished=True, round_=round_)
         self.current_round = None
         if self.stop is not None:

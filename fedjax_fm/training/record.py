@@ -36,6 +36,7 @@ from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
 from fedjax_fm.training.checks import fault_counts, unused_resume_changes
 from fedjax_fm.training.environment import environment
+from fedjax_fm.training.cost import cost_to_target, quality_within_budget
 from fedjax_fm.training.fingerprint import params_sha256
 
 # The per-round fields of metrics.jsonl, in this order; null where not measured or
@@ -50,11 +51,14 @@ METRIC_FIELDS = (
     "dp_epsilon", "dp_delta", "dp_clip_norm", "dp_noise_stddev",
     "client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std",
     "client_eval_loss_mean", "client_eval_loss_worst_decile", "client_eval_loss_std", "per_client",
+    # Update codecs (training/compression.py); null without one.
+    "bytes_up_raw", "compression_ratio", "codec_seconds",
 )
 EVAL_FIELDS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 # Sums over the training rounds in summary.json's "totals".
 TOTAL_FIELDS = ("tokens", "client_seconds", "client_joules", "server_seconds", "server_joules",
-                "comm_seconds", "comm_joules", "bytes_up", "bytes_down", "model_flops", "wall_seconds")
+                "comm_seconds", "comm_joules", "bytes_up", "bytes_down", "model_flops", "wall_seconds",
+                "bytes_up_raw", "codec_seconds")
 
 # Config keys whose change makes a resumed run a different experiment (all of these
 # sections except the number of rounds, which may be raised to extend a run).
@@ -298,6 +302,9 @@ class RunRecorder:
             "best_rougeL": max((r["rougeL"] for r in evaluated), default=None),
             "final_train_loss": next((r["train_loss"] for r in reversed(rows) if r.get("train_loss") is not None), None),
             "totals": run_totals(rows, total_fields),
+            "cost_to_target": cost_to_target(rows, cfg.cost.target_rougeL, cfg.cost.target_fraction),
+            "quality_within_budget": quality_within_budget(rows, budget_bytes=cfg.cost.budget_bytes,
+                                                           budget_joules=cfg.cost.budget_joules),
             "energy_source": energy_label,
             "energy_is_estimate": energy_is_estimate,
             # Issue 13's fields, the same for every way of running (a run passes its own in ``extra``).

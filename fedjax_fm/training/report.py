@@ -257,7 +257,100 @@ def _per_client_cell(per_client: Optional[dict[str, Any]]) -> str:
                       ("client_rougeL_mean", "client_rougeL_worst_decile", "client_rougeL_std"))
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+# Overlays of ROUGE-L on cost axes (cumulated over rounds, fedjax_fm.training.cost):
+# (file stem, x key, x scale, x label).
+COST_AXES: tuple[tuple[str, str, float, str], ...] = (
+    ("rougeL_vs_bytes_up", "bytes_up", 1e6, "uplink MB (cumulated)"),
+    ("rougeL_vs_bytes", "bytes", 1e6, "MB up + down (cumulated)"),
+    ("rougeL_vs_comm_joules", "comm_joules", 1.0, "communication joules (network model, cumulated)"),
+    ("rougeL_vs_joules", "joules", 1.0, "joules: clients + server + communication (cumulated)"),
+    ("rougeL_vs_modelled_seconds", "modelled_seconds", 1.0, "modelled wall seconds (cumulated)"),
+)
+
+
+def plot_cost_axes(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]], out_dir: Path,
+                   target: Optional[float] = None) -> list[Path]:
+    """ROUGE-L against cumulated bytes, joules and modelled seconds, one line per run (a panel
+    is skipped when no run has the figure, e.g. joules without a power meter)."""
+    from fedjax_fm.training.cost import cumulative
+
+    written = []
+    for stem, key, scale, xlabel in COST_AXES:
+        lines = []
+        for label, rows, _ in runs:
+            points = [p for p in cumulative(rows) if p["rougeL"] is not None and p[key] is not None]
+            if any(p["round"] > 0 for p in points):  # not just round 0's zero cost
+                lines.append((label, [p[key] / scale for p in points], [p["rougeL"] for p in points]))
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ROUGE-L")
+        ax.set_title(f"ROUGE-L vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def cost_table(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]], *,
+               target_rougeL: Optional[float] = None, budget_bytes: Optional[float] = None,
+               budget_joules: Optional[float] = None) -> tuple[str, float]:
+    """Markdown: each run's cost to one common target, and its quality within one budget.
+
+    Defaults: target = 0.9 × the best ROUGE-L of any run; byte budget = the smallest total
+    (up + down) bytes any run spent. Returns the text and the target used.
+    """
+    from fedjax_fm.training.cost import cost_to_target, cumulative, quality_within_budget
+
+    bests = [max((r["rougeL"] for r in rows if r.get("rougeL") is not None), default=None) for _, rows, _ in runs]
+    bests = [b for b in bests if b is not None]
+    target = target_rougeL if target_rougeL is not None else (0.9 * max(bests) if bests else 0.0)
+    rule = "given" if target_rougeL is not None else "0.9 × the best ROUGE-L of these runs"
+    if budget_bytes is None and budget_joules is None:
+        spent = [cumulative(rows)[-1]["bytes"] for _, rows, _ in runs if rows]
+        spent = [b for b in spent if b]
+        budget_bytes = min(spent) if spent else None
+    lines = [
+        f"Cost to reach ROUGE-L ≥ {target:.2f} ({rule}); quality within a budget of "
+        + " and ".join(x for x in (f"{format_value(budget_bytes / 1e6, 3)} MB" if budget_bytes else "",
+                                   f"{format_value(budget_joules)} J" if budget_joules else "") if x)
+        + " (bytes: up + down; joules: clients + server + communication).",
+        "",
+        "| run | round reached | MB up | MB up + down | client J | comm J (model) | modelled s "
+        "| ROUGE-L within budget (round) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, rows, _ in runs:
+        cost = cost_to_target(rows, target) or {"reached": False}
+        within = quality_within_budget(rows, budget_bytes=budget_bytes, budget_joules=budget_joules) or {}
+        mb = lambda v: format_value(v / 1e6 if v is not None else None, 3)  # noqa: E731
+        reached = cost.get("reached")
+        cells = [
+            label,
+            str(cost["round"]) if reached else "not reached",
+            mb(cost.get("bytes_up")) if reached else "–",
+            mb(cost.get("bytes")) if reached else "–",
+            format_value(cost.get("client_joules")) if reached else "–",
+            format_value(cost.get("comm_joules"), 4) if reached else "–",
+            format_value(cost.get("modelled_seconds")) if reached else "–",
+            f"{format_value(within.get('rougeL'))} ({within.get('round')})" if within.get("rougeL") is not None
+            else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", target
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, target_rougeL: Optional[float] = None,
+                 budget_bytes: Optional[float] = None, budget_joules: Optional[float] = None) -> Path:
     """Overlay plots of ``run_dirs`` and ``report.md`` into ``out_dir``; returns the Markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +373,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     text = ["# fedjax-fm report", "", "Runs: " + ", ".join(f"`{Path(d)}`" for d in run_dirs), ""]
     text.append(markdown_table(runs))
     text.append("")
+    table, target = cost_table(runs, target_rougeL=target_rougeL, budget_bytes=budget_bytes,
+                               budget_joules=budget_joules)
+    text.append(table)
+    images += plot_cost_axes(runs, out_dir, target)
     for path in images:
         text.append(f"![{path.stem}]({path.name})")
     report = out_dir / "report.md"
@@ -290,7 +387,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
 def _report_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
     try:
-        report = write_report(args.runs, out)
+        report = write_report(args.runs, out, target_rougeL=args.target_rougeL, budget_bytes=args.budget_bytes,
+                              budget_joules=args.budget_joules)
     except (FileNotFoundError, ValueError) as error:
         print(f"fedjax-fm report: {error}", file=sys.stderr)
         return 2
@@ -309,4 +407,10 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("runs", nargs="+", metavar="DIR", help="run directories written by `fedjax-fm run`")
     parser.add_argument("--out", default=None, help="where to write report.md and the plots (default: <first DIR>/../report)")
+    parser.add_argument("--target-rougeL", dest="target_rougeL", type=float, default=None,
+                        help="ROUGE-L whose cost each run is charged (default: 0.9 x the best of these runs)")
+    parser.add_argument("--budget-bytes", type=float, default=None,
+                        help="byte budget (up + down) for quality-within-budget (default: the smallest run's total)")
+    parser.add_argument("--budget-joules", type=float, default=None,
+                        help="joule budget (clients + server + communication) for quality-within-budget")
     parser.set_defaults(func=_report_command)
