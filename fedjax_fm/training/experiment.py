@@ -417,11 +417,7 @@ def _run_command(args: argparse.Namespace) -> int:
             plan = plan_run(cfg, lambda message: print(message, file=sys.stderr, flush=True))
             print(json.dumps(plan, default=json_safe))
             return 0
-        summary = run_experiment(cfg, args.out, resume=args.resume)
         with GracefulStop() as stop:
-            cfg = load_config(args.config, args.set)
-            if args.quiet:
-                cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
             experiment = Experiment(cfg, args.out, resume=args.resume)
             experiment.stop = stop
             summary = experiment.run()
