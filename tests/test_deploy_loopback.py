@@ -477,7 +477,9 @@ def test_device_killed_hung_and_nan_update_do_not_break_the_round(tmp_path):
     second = rows[1]
     failed = {f["client"]: f["reason"] for f in second["failed_clients"]}
     assert sorted(failed) == ["carol", "dave"], failed
-    assert "TTL" in failed["dave"]  # Flower expired the message at --round-timeout (Message Unavailable)
+    # Flower gave up on the hung device: its message expired at --round-timeout (TTL), or, when the
+    # derived timeout is longer than Flower's heartbeat expiry, the node was declared unavailable.
+    assert "TTL" in failed["dave"] or "failed to report a heartbeat" in failed["dave"], failed["dave"]
     assert second["nonfinite_clients"] == ["bob"]
     assert second["clients"] == 2 and second["valid_clients"] == 1 and second["applied"] is True
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2

@@ -222,7 +222,7 @@ def test_export_loads_in_transformers_with_equal_logits(reference_run):
     import dataclasses
 
     class OneBatch:
-        def eval_batches(self, batch_size, max_examples):
+        def eval_batches(self, batch_size, max_examples, by_length=False):
             yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                    "example_weight": np.ones((1,), np.float32), "references": ["see you"]}
 

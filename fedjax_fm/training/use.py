@@ -120,11 +120,12 @@ class _FileEvalSet:
     references: list[str]
     ids: list[str]
 
-    def eval_batches(self, batch_size: int, max_examples: Optional[int] = None) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, max_examples: Optional[int] = None,
+                     by_length: bool = False) -> Iterator[dict]:
         n = len(self.references) if max_examples is None else min(max_examples, len(self.references))
         t = self.tokens
         tokens = type(t)(t.input_ids[:n], t.input_lengths[:n], t.labels[:n], t.label_lengths[:n])
-        return eval_batches(tokens, self.references[:n], batch_size, ids=self.ids[:n])
+        return eval_batches(tokens, self.references[:n], batch_size, ids=self.ids[:n], by_length=by_length)
 
 
 def evaluate(trained: TrainedRun, data_path: Optional[str] = None) -> dict[str, Any]:
