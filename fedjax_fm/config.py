@@ -2,7 +2,7 @@
 
 An experiment is one :class:`ExperimentConfig`, a tree of frozen dataclasses with
 one section per concern (``model``, ``lora``, ``data``, ``federated``, ``eval``,
-``energy``, ``checkpoint``, ``output``) plus the ``seed``. The schema *is* the
+``energy``, ``checkpoint``, ``output``, ``cost``, ``deploy``) plus the ``seed``. The schema *is* the
 documentation of what a YAML file may say: every field has a type, a default and,
 where it is a choice, a ``Literal`` of the valid values.
 
@@ -313,6 +313,56 @@ class CostSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureAggregationSection:
+    """Flower's SecAgg+ on the devices (``fedjax-fm deploy`` only; ``docs/deploy.md``, "Secure aggregation").
+
+    With ``enabled`` the server learns only the sum of the devices' quantised updates.
+    ``num_shares``: how many devices (itself included) each device secret-shares its
+    keys with; null = every sampled device. ``reconstruction_threshold``: shares needed
+    to unmask, at least 2 and below ``num_shares`` (so up to ``num_shares -
+    reconstruction_threshold`` of a device's neighbours may drop out); null =
+    ``max(2, ceil(2/3 · num_shares))`` capped at ``num_shares - 1``. Each device clips
+    every coordinate of its (weighted) update to ``±clipping_range`` and rounds it
+    stochastically to one of ``quantization_range`` levels, so one device's error is
+    below ``2 · clipping_range / quantization_range`` per coordinate. ``max_weight``:
+    the largest example count a device may weigh with under ``federated.weighting:
+    examples`` (weights are sent as ``num_examples / max_weight``; unused when weights
+    are uniform).
+    """
+
+    enabled: bool = False
+    num_shares: Optional[int] = None
+    reconstruction_threshold: Optional[int] = None
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    max_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        key = "deploy.secure_aggregation"
+        if self.num_shares is not None and self.num_shares < 3:
+            raise ConfigError(f"{key}.num_shares must be at least 3 (Flower's SecAgg+ needs more than 2), "
+                              f"got {self.num_shares}")
+        if self.reconstruction_threshold is not None:
+            if self.reconstruction_threshold < 2:
+                raise ConfigError(f"{key}.reconstruction_threshold must be at least 2, got "
+                                  f"{self.reconstruction_threshold}")
+            if self.num_shares is not None and self.reconstruction_threshold >= self.num_shares:
+                raise ConfigError(f"{key}.reconstruction_threshold ({self.reconstruction_threshold}) must be below "
+                                  f"num_shares ({self.num_shares}): otherwise no device may drop out")
+        _positive(f"{key}.clipping_range", self.clipping_range)
+        _positive(f"{key}.max_weight", self.max_weight)
+        if self.quantization_range < 2:
+            raise ConfigError(f"{key}.quantization_range must be at least 2, got {self.quantization_range}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploySection:
+    """Settings only ``fedjax-fm deploy`` (Flower, real devices) reads; a simulation ignores them."""
+
+    secure_aggregation: SecureAggregationSection = dataclasses.field(default_factory=SecureAggregationSection)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. ``lora: null`` is full fine-tuning.
 
@@ -332,6 +382,7 @@ class ExperimentConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
     cost: CostSection = dataclasses.field(default_factory=CostSection)
+    deploy: DeploySection = dataclasses.field(default_factory=DeploySection)
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)

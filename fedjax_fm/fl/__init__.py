@@ -32,6 +32,7 @@ from fedjax_fm.fl.algorithm import (
     SERVER_STREAM,
     FederatedAlgorithm,
     ServerState,
+    apply_pseudo_gradient,
     client_rngs,
     make_aggregator,
 )
@@ -67,6 +68,7 @@ from fedjax_fm.fl.privacy import (
     dp_fedavg_aggregator,
     effective_noise_multiplier,
     make_dp_aggregator,
+    noisy_mean_of_sum,
     update_noise_multiplier,
 )
 from fedjax_fm.fl.sampling import PoissonSample, poisson_max_clients, poisson_sample_clients, sample_clients
@@ -101,6 +103,7 @@ __all__ = [
     "Sharded",
     "Vmapped",
     "aggregate",
+    "apply_pseudo_gradient",
     "batch_counts",
     "bf16",
     "chain",
@@ -134,6 +137,7 @@ __all__ = [
     "make_codec",
     "make_dp_aggregator",
     "max_rounds_within",
+    "noisy_mean_of_sum",
     "poisson_max_clients",
     "poisson_sample_clients",
     "put_client_states",

@@ -67,6 +67,24 @@ def make_aggregator(weighting: Weighting = "examples", min_clients: int = 1) -> 
     return aggregator
 
 
+def apply_pseudo_gradient(server_optimizer: optax.GradientTransformation, state: ServerState,
+                          pseudo_gradient: Params, applied: jax.Array) -> ServerState:
+    """Pure: ``x_{t+1} = x_t + u`` with ``u, s_{t+1} = server_optimizer.update(g, s_t, x_t)`` when
+    ``applied``, else the same parameters and optimiser state; the round counter always advances.
+
+    The server half of every round after aggregation: :meth:`FederatedAlgorithm.server_update`
+    calls it on its aggregate, a deployment with secure aggregation on the mean SecAgg+ reveals.
+    """
+    updates, new_opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(applied, new, old)  # noqa: E731 - unapplied round: no change
+    return state.replace(
+        params=jax.tree.map(keep, new_params, state.params),
+        opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
+        round=state.round + 1,
+    )
+
+
 def client_rngs(base_rng: jax.Array, round_index: jax.Array, client_ids: jax.Array) -> jax.Array:
     """``[K, 2]`` keys ``fold_in(fold_in(base_rng, round), client_id)``."""
     round_key = jax.random.fold_in(base_rng, round_index)
@@ -121,14 +139,7 @@ class FederatedAlgorithm:
         chex.assert_trees_all_equal_structs(outputs.deltas, state.params)
         agg_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), SERVER_STREAM)
         result = self.aggregator(outputs.deltas, outputs.num_examples, agg_rng)
-        updates, new_opt_state = self.server_optimizer.update(result.pseudo_gradient, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jnp.where(result.applied, new, old)  # noqa: E731 - unapplied round: no change
-        new_state = state.replace(
-            params=jax.tree.map(keep, new_params, state.params),
-            opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
-            round=state.round + 1,
-        )
+        new_state = apply_pseudo_gradient(self.server_optimizer, state, result.pseudo_gradient, result.applied)
         metrics = {
             "num_valid_clients": result.num_valid,
             "num_nonfinite_clients": result.num_nonfinite,

@@ -178,6 +178,26 @@ def clip_deltas(deltas: Params, clip_norm: jax.Array, keep: jax.Array | None = N
     return jax.tree.map(clip, safe), norms
 
 
+def noisy_mean_of_sum(total: Params, update_key: jax.Array, sum_stddev: jax.Array | float,
+                      expected_clients: float) -> Params:
+    """``g = (Σ_k clip_k + N(0, σ² I)) / K`` leaf by leaf (float32), from the sum of the clipped updates.
+
+    ``update_key`` is split into one key per leaf, in ``jax.tree.leaves`` order. The one
+    place the Gaussian noise of DP-FedAvg is drawn: :func:`dp_aggregate` calls it on the
+    sum it computes, a deployment with secure aggregation on the sum SecAgg+ reveals
+    (``fedjax_fm/deploy/secure.py``), so both add the same noise for the same key.
+    """
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(update_key, len(leaves))
+
+    def one(leaf: jax.Array, key: jax.Array) -> jax.Array:
+        leaf = leaf.astype(jnp.float32)
+        noise = sum_stddev * jax.random.normal(key, leaf.shape, jnp.float32)
+        return (leaf + noise) / expected_clients
+
+    return jax.tree.unflatten(treedef, [one(x, k) for x, k in zip(leaves, keys)])
+
+
 def dp_aggregate(
     deltas: Params,
     num_examples: jax.Array,
@@ -217,16 +237,10 @@ def dp_aggregate(
     clipped, norms = clip_deltas(deltas, clip_norm, keep=valid)
     update_key, count_key = jax.random.split(rng)
 
-    leaves, treedef = jax.tree.flatten(clipped)
-    keys = jax.random.split(update_key, len(leaves))
     sum_stddev = z_update * clip_norm
-
-    def noisy_mean(leaf: jax.Array, key: jax.Array) -> jax.Array:
-        total = jnp.sum(leaf.astype(jnp.float32), axis=0)
-        noise = sum_stddev * jax.random.normal(key, total.shape, jnp.float32)
-        return ((total + noise) / expected_clients).astype(leaf.dtype)
-
-    pseudo_gradient = jax.tree.unflatten(treedef, [noisy_mean(x, k) for x, k in zip(leaves, keys)])
+    total = jax.tree.map(lambda leaf: jnp.sum(leaf.astype(jnp.float32), axis=0), clipped)
+    pseudo_gradient = jax.tree.map(lambda g, leaf: g.astype(leaf.dtype),
+                                   noisy_mean_of_sum(total, update_key, sum_stddev, expected_clients), clipped)
 
     if adaptive is None:
         next_clip_norm = clip_norm
