@@ -96,7 +96,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     round_timeout = float(run_config.get("round-timeout", 0.0))
     summary = serve(grid, cfg, str(run_config["out"]), clients, node_ids=node_ids, overrides=overrides,
                     resume=bool(run_config.get("resume", False)), wait_s=float(run_config.get("wait", 120.0)),
-                    round_timeout_s=round_timeout if round_timeout > 0 else None, log=_log)
+                    round_timeout_s=round_timeout if round_timeout > 0 else None, context=context, log=_log)
     _log("summary: " + json.dumps({k: summary[k] for k in ("rounds", "final_train_loss", "failed_client_rounds",
                                                              "params_sha256")}))
 
@@ -142,6 +142,42 @@ class NodeClient(Client):
         return DeviceClient(cfg, self.data_dir, self.client_id, log=_log)
 
 
+# Set by :func:`secure_aggregation_mod` in the fit config of a message that came through SecAgg+
+# (and removed from any other): a device configured for secure aggregation trains only then.
+MASKED_FLAG = "fedjax_fm.secagg_masked"
+
+
+def secure_aggregation_mod(msg: Any, ctxt: Context, call_next: Callable) -> Any:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round; others pass through.
+
+    One ClientApp serves plain and secure runs: a TRAIN message carrying SecAgg+'s
+    ``secaggplus_configs`` record goes through ``secaggplus_mod`` (which masks the fit
+    result), any other message straight to the client. Only this mod sets
+    :data:`MASKED_FLAG` in the fit config, so the device knows whether its update will
+    be masked (:class:`fedjax_fm.deploy.client.DeviceClient` refuses otherwise), and the
+    fit reply's ``bytes_sent`` becomes the size of the masked vector that actually travels.
+    """
+    from flwr.app.message_type import MessageType
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    fit_config = msg.content.config_records.get("fitins.config")
+    if fit_config is not None:
+        fit_config.pop(MASKED_FLAG, None)  # a server cannot claim masking it does not do
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    if fit_config is not None:
+        fit_config[MASKED_FLAG] = True
+    out = secaggplus_mod(msg, ctxt, call_next)
+    masked = out.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS) if out.has_content() else None
+    metrics = out.content.config_records.get("fitres.metrics") if out.has_content() else None
+    if masked is not None and metrics is not None:
+        metrics["bytes_sent"] = int(sum(len(blob) for blob in masked))
+    return out
+
+
 def make_client_fn(node_client: type[NodeClient] = NodeClient) -> Callable[[Context], Client]:
     """Flower's ``client_fn``: a ``node_client`` for the device described by the node config."""
 
@@ -158,5 +194,11 @@ def make_client_fn(node_client: type[NodeClient] = NodeClient) -> Callable[[Cont
     return client_fn
 
 
+def make_client_app(node_client: type[NodeClient] = NodeClient) -> ClientApp:
+    """fedjax-fm's ClientApp for ``node_client``, with :func:`secure_aggregation_mod` so that it
+    serves runs with and without SecAgg+ (what an App of your own should export)."""
+    return ClientApp(client_fn=make_client_fn(node_client), mods=[secure_aggregation_mod])
+
+
 _client_fn = make_client_fn()  # fedjax-fm's own devices
-client_app = ClientApp(client_fn=_client_fn)
+client_app = ClientApp(client_fn=_client_fn, mods=[secure_aggregation_mod])

@@ -12,7 +12,9 @@ Two config constraints that simulation does not have, checked here:
   *all* clients' texts, which no device has; use a tokenizer directory (e.g. the
   ``tokenizer/`` of a simulation run, copied to every device), a hub name, or ``byt5``;
 * ``federated.local_steps`` must be set: with ``local_epochs`` the static number of
-  steps depends on the largest client's data, which no device knows.
+  steps depends on the largest client's data, which no device knows;
+* ``federated.dp`` only together with ``deploy.secure_aggregation`` (whose own settings
+  are checked by :func:`fedjax_fm.deploy.secure.plan_secure_aggregation`).
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "deploy: set federated.local_steps (and local_epochs: null): with local_epochs the number of "
             "local steps depends on the largest client's data, which no device knows"
         )
-    if cfg.federated.dp is not None:
+    from fedjax_fm.deploy.secure import plan_secure_aggregation
+
+    secure = plan_secure_aggregation(cfg)  # refuses settings SecAgg+ cannot honour
+    if cfg.federated.dp is not None and secure is None:
         raise ConfigError(
-            "deploy: federated.dp is not supported by `fedjax-fm deploy` yet (the Flower server aggregates "
-            "with the non-private aggregator); run DP-FedAvg in simulation (`fedjax-fm run`), or remove federated.dp"
+            "deploy: federated.dp needs deploy.secure_aggregation.enabled: true in a deployment (devices clip "
+            "their updates to C inside SecAgg+ and the server adds the noise to the sum; without secure "
+            "aggregation the server would see each device's update); or run DP-FedAvg in simulation (`fedjax-fm run`)"
         )
     if cfg.eval.per_client_every is not None:
         raise ConfigError("deploy: eval.per_client_every needs every client's held-out data on the server; "

@@ -84,6 +84,12 @@ def _run_command(args: argparse.Namespace) -> int:
     if cfg.federated.clients_per_round > len(clients):
         return fail(f"federated.clients_per_round={cfg.federated.clients_per_round} but --clients lists "
                     f"{len(clients)} id(s)")
+    try:  # what the accountant cannot model is refused before anything is submitted (population: the ids)
+        from fedjax_fm.training.privacy import RunPrivacy
+
+        RunPrivacy.from_config(cfg, len(clients))
+    except ConfigError as error:
+        return fail(str(error))
     if not args.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         return fail(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if any("\n" in s for s in args.set):

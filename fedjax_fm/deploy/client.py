@@ -18,6 +18,13 @@ carry the client id, loss, tokens, steps, seconds, joules, η_e, MFU, model FLOP
 the payload bytes received and sent (scalars only: Flower metrics cannot be null, so
 an unmeasured figure is simply absent).
 
+With ``deploy.secure_aggregation`` the device answers only inside a SecAgg+ round
+(``secure_aggregation_mod`` of :mod:`fedjax_fm.deploy.apps` marks those): it checks
+its delta for NaN/Inf, clips it to ``C`` under DP and picks its weight
+(:func:`fedjax_fm.deploy.secure.device_contribution`), and hands the result as bare
+float64 arrays to Flower's ``secaggplus_mod``, which quantises and masks it. Its
+metrics add ``secagg_weight``, ``secagg_clipped_values``, ``nonfinite`` and ``update_norm``.
+
 The metered local training is one method, :meth:`DeviceClient.train`, so that the
 fault drills of the tests (a device killed, hung or sending NaN) wrap it in a
 test-only ClientApp (``tests/drill_app/``) instead of living in this code.
@@ -49,7 +56,9 @@ from fedjax_fm import fl
 from fedjax_fm.config import ExperimentConfig
 from fedjax_fm.deploy.assemble import build_pieces
 from fedjax_fm.deploy.device_data import DeviceData
-from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_tree, payload_bytes
+from fedjax_fm.deploy.apps import MASKED_FLAG
+from fedjax_fm.deploy.secure import device_contribution, plan_secure_aggregation
+from fedjax_fm.deploy.wire import decode_tree, empty_parameters, encode_leaves, encode_tree, payload_bytes
 from fedjax_fm.energy.meter import CallRecord
 from fedjax_fm.training import builders
 from fedjax_fm.models.flops import ExampleFlops
@@ -81,6 +90,8 @@ class DeviceClient(Client):
         self.rounds_trained = 0
         # federated.compression: the device sends the codec's payload, not its float delta.
         self.codec = fl.make_codec(cfg.federated.compression) if cfg.federated.compression is not None else None
+        # deploy.secure_aggregation: the update goes through SecAgg+ (fedjax_fm/deploy/secure.py).
+        self.secure = plan_secure_aggregation(cfg)
         if self.codec is not None:
             self.encode = jax.jit(lambda delta, state, rng: encode_one(self.codec, delta, state, rng))
             self.codec_state_dir = Path(data_dir) / "codec_state" / self.client_id
@@ -103,9 +114,21 @@ class DeviceClient(Client):
     def fit(self, ins: FitIns) -> FitRes:
         config = ins.config
         round_index, position = int(config["round_index"]), int(config["position"])
+        masked = bool(config.get(MASKED_FLAG, False))
+        refusal = None
         if int(config["seed"]) != self.cfg.seed:
-            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"seed mismatch: server {config['seed']}, device "
-                                 f"{self.cfg.seed} (use the same config on both)"), empty_parameters(), 0, {})
+            refusal = f"seed mismatch: server {config['seed']}, device {self.cfg.seed} (use the same config on both)"
+        elif self.secure is not None and not masked:
+            refusal = ("this device's config enables deploy.secure_aggregation: it sends its update only "
+                       "inside a SecAgg+ round, never in the clear")
+        elif self.secure is None and masked:
+            refusal = "the server runs SecAgg+ but this device's config does not enable deploy.secure_aggregation"
+        if refusal is not None:
+            if masked:
+                # secaggplus_mod masks whatever fit returns, even an error status: raising is the
+                # only way out, and SecAgg+ then treats this device as dropped.
+                raise RuntimeError(f"device {self.client_id}: {refusal}")
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, refusal), empty_parameters(), 0, {})
         received = payload_bytes(ins.parameters)
         trainable = decode_tree(ins.parameters, self.trainable_template)
         batches = self.data.round_batches(position, round_index)
@@ -122,7 +145,17 @@ class DeviceClient(Client):
             t0 = time.perf_counter()
             delta = self.encode_delta(delta, rng, round_index)  # the payload: what travels
             encode_s = time.perf_counter() - t0
-        parameters = encode_tree(delta)
+        secure: dict[str, Any] = {}
+        weight = int(round(float(host["n"])))
+        if self.secure is not None:
+            # Finiteness, DP clipping and weighting on the device: the server only sees the sum.
+            contribution = device_contribution(delta, float(host["n"]), self.secure)
+            parameters = encode_leaves(contribution.update)  # float64: SecAgg+'s rounding, not float32's
+            weight = contribution.weight
+            secure = {"secagg_weight": contribution.weight, "secagg_clipped_values": contribution.clipped_values,
+                      "nonfinite": not contribution.finite, "update_norm": contribution.update_norm}
+        else:
+            parameters = encode_tree(delta)
         self.rounds_trained += 1
         out: dict[str, Any] = {
             "client_id": self.client_id,
@@ -147,9 +180,10 @@ class DeviceClient(Client):
             "real_slots": real_slots(batches),
             "slots": float(batches["attention_mask"].size + batches["decoder_attention_mask"].size),
             "encode_seconds": encode_s,
+            **secure,  # bytes_sent is then set by secure_aggregation_mod: the masked vector's size
         }
         metrics_out = {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and not np.isfinite(v))}
-        return FitRes(Status(Code.OK, "ok"), parameters, int(round(float(host["n"]))), metrics_out)
+        return FitRes(Status(Code.OK, "ok"), parameters, weight, metrics_out)
 
     def encode_delta(self, delta: Any, rng: jax.Array, round_index: int) -> Any:
         """The codec's payload of ``delta``, with the simulation's codec key for this client and round.

@@ -56,7 +56,8 @@ from fedjax_fm import fl
 from fedjax_fm.config import ExperimentConfig
 from fedjax_fm.deploy.assemble import build_pieces
 from fedjax_fm.deploy.binding import assign_devices
-from fedjax_fm.deploy.wire import WireError, decode_tree, encode_tree, payload_bytes
+from fedjax_fm.deploy.secure import SECURE_FIELDS, make_secure_server_step, plan_secure_aggregation
+from fedjax_fm.deploy.wire import WireError, decode_leaves, decode_tree, encode_tree, payload_bytes
 from fedjax_fm.energy.meter import CallRecord
 from fedjax_fm.training import builders
 from fedjax_fm.training.record import (
@@ -68,11 +69,12 @@ from fedjax_fm.training.record import (
     round_row,
 )
 from fedjax_fm.training.compression import RunCompression, compression_fields
+from fedjax_fm.training.privacy import RunPrivacy
 from fedjax_fm.training.round import metered_server_step
 
 # Fields a deployment adds to the simulation's metrics row (docs/deploy.md).
 DEPLOY_FIELDS = ("bytes_up_sent", "bytes_down_sent", "failed_clients", "nonfinite_clients", "rejected_devices",
-                 "client_reports")
+                 "client_reports", *SECURE_FIELDS)
 
 
 def _node_id(proxy: ClientProxy) -> int:
@@ -131,6 +133,18 @@ class DeployStrategy(Strategy):
         pieces = build_pieces(cfg)
         self.frozen = pieces.frozen
         self.algorithm = pieces.algorithm
+        # deploy.secure_aggregation (fedjax_fm/deploy/secure.py): the server gets only the mean of the
+        # devices' quantised updates, and (with federated.dp) adds the DP noise to their sum itself.
+        self.secure = plan_secure_aggregation(cfg)
+        self.privacy = RunPrivacy.from_config(cfg, len(self.client_ids))  # the population: the listed ids
+        if self.privacy is not None:
+            self.algorithm = self.privacy.algorithm(self.algorithm)  # DPServerState: C in the checkpoint
+        self.secure_step = None
+        if self.secure is not None:
+            self.secure_step = make_secure_server_step(
+                self.algorithm.server_optimizer, min_clients=cfg.federated.min_clients,
+                noise_multiplier=None if self.privacy is None else self.privacy.noise_multiplier,
+                expected_clients=None if self.privacy is None else self.privacy.expected_clients)
         self.state = self.algorithm.init(pieces.trainable, cfg.seed)
         self.trainable_bytes = fl.tree_nbytes(pieces.trainable)
         # federated.compression: devices send the codec's payload (their codec state, e.g. an
@@ -147,6 +161,8 @@ class DeployStrategy(Strategy):
         restored = self.recorder.restore(self.state)
         if restored is not None:
             self.state = self.algorithm.executor.place(restored)
+        if self.privacy is not None:
+            self.privacy.restore(self.rounds_done)
         self._warm_up(cfg.federated.clients_per_round)
         self.claims: dict[int, str] = {}  # Flower node id -> the client id that node says it is
         self.reported: set[tuple[int, str]] = set()  # (node, claim) pairs already logged
@@ -156,6 +172,9 @@ class DeployStrategy(Strategy):
     def _warm_up(self, num_clients: int) -> None:
         """Compiles the server step for a full round before any is metered (it is pure: the
         result is discarded). A round with fewer answering devices compiles once more."""
+        if self.secure_step is not None:  # one shape whatever the number of devices
+            jax.block_until_ready(self.secure_step(self.state, self.state.params, 0))
+            return
         zeros = fl.ClientOutputs(
             jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), self.state.params),
             jnp.ones([num_clients], jnp.float32),
@@ -167,6 +186,11 @@ class DeployStrategy(Strategy):
     @property
     def rounds_done(self) -> int:
         return int(self.state.round)
+
+    @property
+    def last_round(self) -> int:
+        """The rounds this run does: ``federated.rounds``, or fewer when DP's target ε would be exceeded."""
+        return self.cfg.federated.rounds if self.privacy is None else self.privacy.last_round
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -225,7 +249,11 @@ class DeployStrategy(Strategy):
         cfg = self.cfg
         started = time.perf_counter()
         round_index = self.rounds_done
-        ids = fl.sample_clients(cfg.seed, round_index, len(self.client_ids), cfg.federated.clients_per_round)
+        if self.privacy is not None:  # the sampling the accountant assumes (Poisson or fixed-size)
+            ids, mask = self.privacy.sample(cfg.seed, round_index)
+            ids = [i for i, m in zip(ids, mask) if m]
+        else:
+            ids = fl.sample_clients(cfg.seed, round_index, len(self.client_ids), cfg.federated.clients_per_round)
         sampled = [self.client_ids[int(i)] for i in ids]
         deadline = time.monotonic() + self.wait_s
         while True:
@@ -263,6 +291,7 @@ class DeployStrategy(Strategy):
                 proxy, res = failure
                 reasons.append(f"{self.claims.get(_node_id(proxy), proxy.cid)}: {res.status.message}")
         updates = []
+        mean = None  # with secure aggregation: the unmasked mean, the same Parameters in every FitRes
         for proxy, res in results:
             name = str(res.metrics.get("client_id", ""))
             node = _node_id(proxy)
@@ -270,6 +299,9 @@ class DeployStrategy(Strategy):
                 reasons.append(f"node {node} answered as {name!r} without being asked as it; ignored")
                 continue
             res.metrics["node_id"] = str(node)  # a string: node ids are unsigned 64-bit
+            if self.secure is not None:
+                updates.append((name, None, res))
+                continue
             try:
                 t0 = time.perf_counter()
                 delta = decode_tree(res.parameters, self.payload_template)
@@ -280,7 +312,13 @@ class DeployStrategy(Strategy):
                 reasons.append(f"{name}: bad payload ({error})")
                 continue
             updates.append((name, delta, res))
-        self._finish_round(updates, reasons, failures)
+        if self.secure is not None and updates:
+            try:
+                mean = decode_leaves(updates[0][2].parameters, self.state.params)
+            except WireError as error:
+                reasons.extend(f"{name}: secure aggregate unreadable ({error})" for name, _, _ in updates)
+                updates = []
+        self._finish_round(updates, reasons, failures, mean)
         return encode_tree(self.state.params), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -296,7 +334,8 @@ class DeployStrategy(Strategy):
 
     # -- the round's bookkeeping ----------------------------------------------------
 
-    def _finish_round(self, updates: list[tuple[str, Any, FitRes]], reasons: list[str], failures: list[Any]) -> None:
+    def _finish_round(self, updates: list[tuple[str, Any, FitRes]], reasons: list[str], failures: list[Any],
+                      mean: Any = None) -> None:
         plan = self.plan
         assert plan is not None and plan.round_index == self.rounds_done
         updates.sort(key=lambda u: self.client_ids.index(u[0]))
@@ -310,7 +349,10 @@ class DeployStrategy(Strategy):
             self.log(f"round {plan.round_index + 1}: device {name['client']} failed: {name['reason']}")
         reports = [dict(res.metrics) for _, _, res in updates]
         row = empty_row(plan.round_index + 1, self.energy.label, self.energy.is_estimate, DEPLOY_FIELDS)
-        if updates:
+        host: dict[str, Any] = {}
+        if updates and self.secure is not None:
+            host = self._secure_step(row, updates, reports, mean)
+        elif updates:
             outputs = fl.ClientOutputs(
                 jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[d for _, d, _ in updates]),
                 jnp.asarray([float(r["num_examples"]) for r in reports], jnp.float32),
@@ -334,12 +376,20 @@ class DeployStrategy(Strategy):
             if all("slots" in r and "real_slots" in r for r in reports):
                 # The simulation's padding_efficiency of the stacked round: Σ real slots / Σ slots.
                 row["padding_efficiency"] = sum(r["real_slots"] for r in reports) / max(sum(r["slots"] for r in reports), 1.0)
+        elif self.privacy is not None:
+            # Nobody answered: a DP round is still applied (pure noise), as the accountant counts it.
+            host = self._secure_step(row, [], [], jax.tree.map(jnp.zeros_like, self.state.params))
         else:
             # Nothing to aggregate: the round passes unapplied, exactly as server_step would leave it.
             self.state = self.state.replace(round=self.state.round + 1)
             row.update(clients=0, valid_clients=0, applied=False, nonfinite_clients=[])
+        if self.privacy is not None:
+            self.privacy.record_round(row, host)
+        sent_bytes = (sum(int(r.get("bytes_sent", 0)) for r in reports) if self.secure is not None
+                      else sum(payload_bytes(res.parameters) for _, _, res in updates))
         row.update(
-            bytes_up_sent=int(sum(payload_bytes(res.parameters) for _, _, res in updates)),
+            secure_aggregation=self.secure is not None,
+            bytes_up_sent=int(sent_bytes),
             bytes_down_sent=plan.bytes_down_each * len(plan.sent),
             failed_clients=failed,
             rejected_devices=plan.rejected,
@@ -350,6 +400,48 @@ class DeployStrategy(Strategy):
         self.log(f"round {row['round']}: {row['clients']} device(s), applied={row['applied']}, "
                  f"train_loss={row['train_loss']}, failed={[f['client'] for f in failed]}")
         self.plan = None
+
+    def halted_round(self, reason: str) -> None:
+        """Records the planned round when secure aggregation stopped before any sum: every device
+        sent work is failed with ``reason`` (a DP round still releases its noise, as counted)."""
+        self._finish_round([], [reason] * len(self.plan.sent) if self.plan else [], [])
+
+    def _secure_step(self, row: dict[str, Any], updates: list[tuple[str, Any, FitRes]], reports: list[dict],
+                     mean: Any) -> dict[str, Any]:
+        """The server half of a SecAgg+ round from the unmasked ``mean`` (:mod:`fedjax_fm.deploy.secure`):
+        fills the row and returns the step's host metrics. ``updates`` are the devices whose masked
+        vectors are in the sum; which of them were valid (finite, weight > 0) only their reports say."""
+        weights = [int(r.get("secagg_weight", 0)) for r in reports]
+        valid = [w > 0 for w in weights]
+        with self.energy.meter.section("server") as section:
+            self.state, metrics = section.block(self.secure_step(self.state, mean, sum(valid)))
+        host = jax.device_get(metrics)
+        expected = None if self.privacy is None else self.privacy.expected_clients
+        weight_sum = sum(self.secure.quantized_weight(w) for w in weights)
+        clipped = sum(int(r.get("secagg_clipped_values", 0)) for r in reports)
+        if reports:
+            round_row(
+                row, clients=len(updates), client=client_phase([_device_record(r) for r in reports]),
+                server=section.record, losses=[float(r["loss"]) for r in reports],
+                num_examples=[float(r["num_examples"]) for r in reports], client_valid=valid,
+                num_valid=int(host["num_valid_clients"]), applied=bool(host["applied"]),
+                comm=round_communication(self.energy.network, self.compression.bytes_up, self.trainable_bytes,
+                                         len(updates)),
+            )
+        else:
+            row.update(clients=0, valid_clients=0, applied=bool(host["applied"]), server_seconds=section.record.wall_s,
+                       server_joules=section.record.joules)
+        row.update(
+            nonfinite_clients=[name for (name, _, _), r in zip(updates, reports) if r.get("nonfinite")],
+            # Per coordinate of the pseudo-gradient; it holds when secagg_clipped_values is 0.
+            secagg_error_bound=self.secure.error_bound(len(updates), weight_sum, expected) if host["applied"] else None,
+            secagg_clipped_values=clipped,
+        )
+        if clipped:
+            self.log(f"round {row['round']}: {clipped} update value(s) were cut at ±clipping_range="
+                     f"{self.secure.clipping_range}: raise deploy.secure_aggregation.clipping_range (the error bound "
+                     "does not cover them)")
+        return host
 
     def finish(self) -> dict[str, Any]:
         """Writes ``DIR/summary.json`` (the simulation's fields, deployment fields added) and returns it."""
@@ -366,6 +458,16 @@ class DeployStrategy(Strategy):
                     {(str(d["node_id"]), d["claimed"]) for r in train for d in r.get("rejected_devices") or []})],
                 "failed_client_rounds": sum(len(r.get("failed_clients") or []) for r in train),
                 "deployment": "flower",
+                "privacy": None if self.privacy is None else {
+                    **self.privacy.summary(self.rounds_done),
+                    "model": "central DP: devices clip to C inside SecAgg+, the server adds the Gaussian noise to the "
+                             "unmasked sum (it is trusted to add it; it never sees an individual update)"},
+                "secure_aggregation": None if self.secure is None else {
+                    **self.secure.summary(),
+                    "max_error_bound": max((r["secagg_error_bound"] for r in train
+                                            if r.get("secagg_error_bound") is not None), default=None),
+                    "clipped_values": sum(int(r.get("secagg_clipped_values") or 0) for r in train),
+                },
             },
         )
 
@@ -383,25 +485,50 @@ def _device_record(report: dict[str, Any]) -> CallRecord:
 
 def serve(grid: Any, cfg: ExperimentConfig, out_dir: str | Path, client_ids: list[str], *,
           node_ids: Optional[dict[str, int]] = None, overrides: Optional[list[str]] = None, resume: bool = False,
-          round_timeout_s: Optional[float] = None, wait_s: float = 120.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+          round_timeout_s: Optional[float] = None, wait_s: float = 120.0, context: Any = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs ``cfg.federated.rounds`` rounds (minus those a resumed run has done) on Flower's ``grid``.
 
     Called by the ServerApp (:mod:`fedjax_fm.deploy.apps`) inside a SuperLink run.
     ``overrides``: the ``--set`` values the config was loaded with; they travel to the
     devices with each round (so every device trains the server's config).
-    ``round_timeout_s``: a device that has not answered by then counts as failed.
+    ``round_timeout_s``: a device that has not answered by then counts as failed (with
+    secure aggregation: within each of SecAgg+'s four stages).
     ``wait_s``: how long each round waits for its sampled devices to connect.
     ``node_ids``: ``{client_id: Flower node id}`` binding each id to its device's
     registered key (``None``: ids are not bound; see docs/deploy.md).
+    ``context``: the ServerApp's Flower ``Context``; required with ``deploy.secure_aggregation``,
+    whose rounds run as Flower's ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))``
+    over a ``LegacyContext`` holding the strategy (plain rounds run through ``start_grid``).
     """
     from flwr.server import ServerConfig
     from flwr.server.compat import start_grid
 
     strategy = DeployStrategy(cfg, out_dir, client_ids, node_ids=node_ids, overrides=overrides, resume=resume,
                               wait_s=wait_s, log=log)
-    remaining = cfg.federated.rounds - strategy.rounds_done
-    if remaining > 0:
+    remaining = strategy.last_round - strategy.rounds_done
+    if remaining <= 0:
+        log(f"the run already completed {strategy.rounds_done} rounds (of {strategy.last_round})")
+    elif strategy.secure is None:
         start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=remaining, round_timeout=round_timeout_s))
     else:
-        log(f"the run already completed {strategy.rounds_done} rounds (federated.rounds={cfg.federated.rounds})")
+        from flwr.server import LegacyContext
+        from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+        if context is None:
+            raise RunError("deploy server: secure aggregation needs the ServerApp's Context (serve(..., context=))")
+        secagg = SecAggPlusWorkflow(**strategy.secure.flower_arguments(round_timeout_s))
+
+        def fit_workflow(grid: Any, legacy: Any) -> None:
+            secagg(grid, legacy)
+            if strategy.plan is not None:
+                # SecAgg+ halted before unmasking (fewer answering devices than the threshold, or
+                # fewer than 2 sampled): Flower calls no aggregate_fit; record the round as failed.
+                strategy.halted_round("secure aggregation halted: too few devices answered a SecAgg+ stage for "
+                                      f"reconstruction_threshold={strategy.secure.reconstruction_threshold} "
+                                      "(see the ServerApp log)")
+
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+        log("secure aggregation (SecAgg+): " + json.dumps(strategy.secure.summary()))
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     return strategy.finish()

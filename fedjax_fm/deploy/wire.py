@@ -87,3 +87,35 @@ def decode_tree(parameters: Parameters, template: Any) -> Any:
             )
         leaves.append(array)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# -- secure aggregation: bare arrays --------------------------------------------------
+#
+# Flower's ``secaggplus_mod`` reads a device's ``FitRes.parameters`` with
+# ``parameters_to_ndarrays`` (every tensor an array: no header) and the server gets the
+# unmasked mean back as such a list. Both sides order the arrays by the leaf order of
+# the same template (``jax.tree.leaves`` of the trainable variables), names checked
+# through the template's structure rather than a header.
+
+
+def encode_leaves(tree: Any, dtype: Any = np.float64) -> Parameters:
+    """The leaves of ``tree`` as bare ``.npy`` tensors in ``jax.tree.leaves`` order, cast to ``dtype``
+    (float64 for SecAgg+, so that its quantisation, not float32, rounds the values)."""
+    tensors = [ndarray_to_bytes(np.asarray(jax.device_get(leaf), dtype)) for leaf in jax.tree.leaves(tree)]
+    return Parameters(tensors=tensors, tensor_type="numpy.ndarray")
+
+
+def decode_leaves(parameters: Parameters, template: Any) -> Any:
+    """Bare tensors (as :func:`encode_leaves` or Flower's SecAgg+ workflow write them) as a pytree
+    with ``template``'s structure and dtypes; counts and shapes are checked."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if len(parameters.tensors) != len(flat):
+        raise WireError(f"payload has {len(parameters.tensors)} arrays, expected {len(flat)} leaves")
+    leaves = []
+    for (path, leaf), blob in zip(flat, parameters.tensors):
+        array = bytes_to_ndarray(blob)
+        if tuple(array.shape) != tuple(np.shape(leaf)):
+            raise WireError(f"payload leaf {key_path_name(path)} has shape {list(array.shape)}, expected "
+                            f"{list(np.shape(leaf))}")
+        leaves.append(array.astype(np.dtype(leaf.dtype)))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

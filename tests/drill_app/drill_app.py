@@ -23,9 +23,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from flwr.clientapp import ClientApp
 
-from fedjax_fm.deploy.apps import NodeClient, make_client_fn
+from fedjax_fm.deploy.apps import NodeClient, make_client_app
 from fedjax_fm.deploy.client import DeviceClient
 
 CRASH_ENV = "FEDJAX_FM_DRILL_CRASH_AT_ROUND"
@@ -60,4 +59,4 @@ class DrillNodeClient(NodeClient):
         return DrillDeviceClient(cfg, self.data_dir, self.client_id, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
-client_app = ClientApp(client_fn=make_client_fn(DrillNodeClient))
+client_app = make_client_app(DrillNodeClient)
