@@ -548,3 +548,137 @@ def test_loopback_with_a_codec_equals_simulation(federation):
         assert row["compression_ratio"] == pytest.approx(raw / compression.bytes_up)
         assert row["codec_seconds"] > 0
         assert all(r["encode_seconds"] > 0 and r["decode_seconds"] > 0 for r in row["client_reports"])
+
+
+# -- secure aggregation (SecAgg+) -----------------------------------------------------------
+#
+# Devices clip every value to ±c and round it stochastically to one of Q levels, so each
+# device's error is below one level 2c/Q per coordinate; the server's mean over n devices
+# with uniform weights errs by less than n·(2c/Q)/n = 2c/Q (fedjax_fm/deploy/secure.py), and
+# with FedAvg at learning rate 1 the parameters move by exactly the mean: the deployed
+# parameters are within 2c/Q of the plain run's (= the simulation's, tested above), plus the
+# float tolerance of that comparison. Q is coarse here (2^16) so that the quantisation shows.
+SECAGG_C, SECAGG_Q = 1.0, 2**16
+SECAGG = (f"deploy.secure_aggregation={{enabled: true, clipping_range: {SECAGG_C}, "
+          f"quantization_range: {SECAGG_Q}}}")
+SECAGG_SETTINGS = ("--set", SECAGG, "--set", "federated.weighting=uniform",
+                   "--set", "federated.server_optimizer={name: fedavg, learning_rate: 1.0}", "--app", str(DRILL_APP))
+DP = "federated.dp={noise_multiplier: 0.5, clip_norm: 0.05, sampling: fixed}"
+FLOAT_TOL = dict(rtol=2e-5, atol=1e-6)  # the plain loopback run's tolerance against simulation
+
+
+def _simulation(config: Path, overrides: list[str]):
+    """The simulation's pieces for ``config`` with ``overrides`` (DP-FedAvg when configured)."""
+    from fedjax_fm import fl
+    from fedjax_fm.config import load_config
+    from fedjax_fm.training import builders as setup
+    from fedjax_fm.training.privacy import RunPrivacy
+
+    cfg = load_config(config, overrides)
+    tokenizer = setup.build_tokenizer(cfg, config.parent, lambda: [])
+    data = setup.build_data(cfg, tokenizer)
+    model, variables = setup.build_model(cfg, tokenizer)
+    trainable, frozen = fl.split_variables(variables, fl.trainable_collections(True))
+    algorithm = setup.build_algorithm(cfg, model)
+    privacy = RunPrivacy.from_config(cfg, data.num_clients)
+    if privacy is not None:
+        algorithm = privacy.algorithm(algorithm)
+    return cfg, data, frozen, algorithm, algorithm.init(trainable, cfg.seed), privacy
+
+
+def _simulated_round(sim, state, round_index: int, ids: list[int]):
+    _, data, frozen, algorithm, _, _ = sim
+    new, _ = algorithm.round(state, frozen, data.clients_round_batches(ids, round_index), np.asarray(ids))
+    return new
+
+
+def _within(got, want, bound: float) -> float:
+    """Asserts |got - want| <= bound + the float tolerance everywhere; returns the largest error."""
+    largest = 0.0
+    for g, w in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
+        error = np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64))
+        assert np.all(error <= bound + FLOAT_TOL["atol"] + FLOAT_TOL["rtol"] * np.abs(w)), (error.max(), bound)
+        largest = max(largest, float(error.max()))
+    return largest
+
+
+def test_secure_aggregation_matches_the_plain_run_within_the_bound_with_dp_and_a_dropout(tmp_path):
+    """Two SecAgg+ runs on one federation of alice, bob and carol (drill app: carol's device
+    is SIGKILLed in the training of round 2 of a run, i.e. between SecAgg+'s key sharing and
+    its masked-vector collection, so its masks must be reconstructed from its neighbours' shares):
+
+    * DP run (1 round): devices clip to C inside SecAgg+, the server noises the unmasked sum
+      with the simulation's key: the parameters equal simulated DP-FedAvg within n·(2c/Q)/K;
+      ε is reported as in simulation;
+    * plain run (2 rounds, uniform weights, FedAvg): round 1 is within 2c/Q of the plain
+      (= simulated) round; in round 2 carol drops out, the round is aggregated from alice and
+      bob, and is within 2c/Q of a plain round of alice and bob from the same parameters."""
+    from fedjax_fm.training.checkpoint import CheckpointStore
+
+    config, devices = _write_world(tmp_path, rounds=2)
+    level = 2 * SECAGG_C / SECAGG_Q
+    with Federation(tmp_path) as fed:
+        _start_devices(fed, config, devices, {"carol": {"FEDJAX_FM_DRILL_CRASH_AT_ROUND": "2"}})
+        dp_out = tmp_path / "secure-dp"
+        code, _ = fed.run(config, dp_out, ",".join(CLIENTS), *SECAGG_SETTINGS, "--set", DP, "--set",
+                          "federated.rounds=1", tag="secure-dp")
+        assert code == 0, fed.logs()
+        out = tmp_path / "secure"
+        code, _ = fed.run(config, out, ",".join(CLIENTS), *SECAGG_SETTINGS, tag="secure")
+        assert code == 0, fed.logs()
+        carol = fed.procs["carol"].wait(timeout=120)
+    assert carol == -signal.SIGKILL  # the device really died, inside SecAgg+'s round 2
+
+    # DP with SecAgg+: the simulation's DP-FedAvg round, within the quantisation bound of the noised mean.
+    dp_sim = _simulation(config, [SECAGG, "federated.weighting=uniform",
+                                  "federated.server_optimizer={name: fedavg, learning_rate: 1.0}", DP])
+    want = _simulated_round(dp_sim, dp_sim[4], 0, [0, 1, 2])
+    got = _restore(dp_out, want)
+    assert got.round == 1
+    (row,) = _rows(dp_out)
+    assert row["secure_aggregation"] is True and row["valid_clients"] == 3 and row["secagg_clipped_values"] == 0
+    assert row["secagg_error_bound"] == pytest.approx(3 * level / 3)  # n·(2c/Q)/K
+    assert _within(got.state.params, want.params, row["secagg_error_bound"]) > 0
+    privacy = dp_sim[5]
+    privacy.restore(1)
+    assert row["dp_epsilon"] == pytest.approx(privacy.ledger.epsilon()) and row["dp_epsilon"] > 0
+    assert row["dp_clip_norm"] == pytest.approx(0.05)
+    # Every device's update was clipped (norm about 1 here, C = 0.05): without, the comparison would fail.
+    summary = json.loads((dp_out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == pytest.approx(row["dp_epsilon"])
+    assert "central DP" in summary["privacy"]["model"]
+
+    # Plain SecAgg+, round 1: all three devices.
+    sim = _simulation(config, [SECAGG, "federated.weighting=uniform",
+                               "federated.server_optimizer={name: fedavg, learning_rate: 1.0}"])
+    first = _simulated_round(sim, sim[4], 0, [0, 1, 2])
+    store = CheckpointStore(out / "checkpoints")
+    try:
+        deployed_1 = store.restore(1, first)
+        deployed_2 = store.restore(2, first)
+    finally:
+        store.close()
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["valid_clients"] == 3 and rows[0]["failed_clients"] == [] and rows[0]["applied"] is True
+    assert rows[0]["secagg_error_bound"] == pytest.approx(level)  # n·(2c/Q)/n_valid with n = n_valid = 3
+    largest = _within(deployed_1.state.params, first.params, level)
+    assert largest > 10 * FLOAT_TOL["atol"], "no quantisation error at all: was the update really quantised?"
+    assert not jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b), jax.device_get(first.params),
+                                         jax.device_get(sim[4].params))), "training moved nothing"
+    # Round 2: carol died after sharing her keys; SecAgg+ unmasked the sum of alice and bob.
+    second = rows[1]
+    assert [f["client"] for f in second["failed_clients"]] == ["carol"], second["failed_clients"]
+    assert second["clients"] == 2 and second["valid_clients"] == 2 and second["applied"] is True
+    assert second["secagg_error_bound"] == pytest.approx(level)
+    want_2 = _simulated_round(sim, deployed_1.state, 1, [0, 1])
+    _within(deployed_2.state.params, want_2.params, level)
+    for row in rows:
+        assert row["secure_aggregation"] is True and row["secagg_clipped_values"] == 0
+        assert row["nonfinite_clients"] == [] and row["dp_epsilon"] is None
+        # What travelled up: the masked vectors (integers mod 2^32), as the devices measured them.
+        assert row["bytes_up_sent"] > row["bytes_up"] > 0
+        assert all(r["secagg_weight"] == 1 for r in row["client_reports"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["secure_aggregation"]["quantization_level"] == pytest.approx(level)
+    assert summary["secure_aggregation"]["clipped_values"] == 0 and summary["privacy"] is None

@@ -23,7 +23,7 @@ With ``deploy.secure_aggregation`` the device answers only inside a SecAgg+ roun
 its delta for NaN/Inf, clips it to ``C`` under DP and picks its weight
 (:func:`fedjax_fm.deploy.secure.device_contribution`), and hands the result as bare
 float64 arrays to Flower's ``secaggplus_mod``, which quantises and masks it. Its
-metrics add ``secagg_weight``, ``secagg_clipped_values``, ``nonfinite`` and ``update_norm``.
+metrics add ``secagg_weight``, ``secagg_clipped_values`` and ``nonfinite``.
 
 The metered local training is one method, :meth:`DeviceClient.train`, so that the
 fault drills of the tests (a device killed, hung or sending NaN) wrap it in a
@@ -152,8 +152,10 @@ class DeviceClient(Client):
             contribution = device_contribution(delta, float(host["n"]), self.secure)
             parameters = encode_leaves(contribution.update)  # float64: SecAgg+'s rounding, not float32's
             weight = contribution.weight
+            # Metrics travel in the clear: nothing here says more about the update than the row needs
+            # (not its norm, which under DP would leak past the guarantee).
             secure = {"secagg_weight": contribution.weight, "secagg_clipped_values": contribution.clipped_values,
-                      "nonfinite": not contribution.finite, "update_norm": contribution.update_norm}
+                      "nonfinite": not contribution.finite}
         else:
             parameters = encode_tree(delta)
         self.rounds_trained += 1

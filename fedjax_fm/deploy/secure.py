@@ -179,7 +179,6 @@ class Contribution:
     weight: int  # FitRes.num_examples: w_k
     finite: bool
     clipped_values: int  # coordinates of a_k · update beyond ±clipping_range (cut by the mod: outside the bound)
-    update_norm: float  # ‖delta_k‖₂ before any clipping (NaN if not finite)
 
 
 def device_contribution(delta: Any, num_examples: float, plan: SecAggPlan) -> Contribution:
@@ -192,17 +191,16 @@ def device_contribution(delta: Any, num_examples: float, plan: SecAggPlan) -> Co
     stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], delta)
     finite = bool(fl.client_is_finite(stacked)[0])
     valid = finite and num_examples > 0
-    norm = float(fl.client_norms(stacked)[0]) if finite else float("nan")
     if not valid:
         update = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float64), delta)
-        return Contribution(update, 0, finite, 0, norm)
+        return Contribution(update, 0, finite, 0)
     if plan.dp_clip_norm is not None:
         stacked, _ = fl.clip_deltas(stacked, jnp.asarray(plan.dp_clip_norm, jnp.float32))
     update = jax.tree.map(lambda x: np.asarray(jax.device_get(x[0]), np.float64), stacked)
     weight = plan.weight(num_examples)
     scale = plan.quantized_weight(weight)
     clipped = int(sum(int(np.sum(np.abs(leaf * scale) > plan.clipping_range)) for leaf in jax.tree.leaves(update)))
-    return Contribution(update, weight, finite, clipped, norm)
+    return Contribution(update, weight, finite, clipped)
 
 
 # -- the server ---------------------------------------------------------------------
