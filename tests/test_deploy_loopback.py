@@ -14,7 +14,9 @@ run --device-keys keys/`` on the server side (each listed id bound to its device
   other data) is given no work and reported in every round;
 * ``deploy run`` refuses a listed id whose key is not registered, before submitting;
 * a device killed mid-round and one returning NaN: the round completes with the
-  remaining device and both are reported.
+  remaining device and both are reported;
+* secure aggregation (SecAgg+): within the quantisation bound of the plain run and of
+  simulated DP-FedAvg, also when a device is killed between key sharing and masking.
 
 Every process is started in its own session with a timeout and its whole process
 group is killed in ``finally``; ports are chosen at run time.

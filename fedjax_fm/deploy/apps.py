@@ -15,7 +15,9 @@ these two objects) with ``flwr run``; see ``docs/deploy.md``.
       config="/path/experiment.yaml" data="/path/data-dir" [client-id="jetson-a"] [set="energy.backend=jetson"]
 
   ``set`` holds device-only overrides separated by ``;`` (e.g. the power backend),
-  applied after the server's overrides.
+  applied after the server's overrides. The ClientApp carries
+  :func:`secure_aggregation_mod`, Flower's ``secaggplus_mod`` for the messages of a
+  SecAgg+ round (``deploy.secure_aggregation``), so it serves plain and secure runs.
 """
 
 from __future__ import annotations

@@ -29,6 +29,13 @@ registered). Per Flower round the strategy
    ``DIR/metrics.jsonl``, orbax checkpoints, ``--resume`` and ``summary.json``), plus
    the deployment's own fields.
 
+With ``deploy.secure_aggregation`` (:mod:`fedjax_fm.deploy.secure`) the same strategy
+runs inside Flower's ``SecAggPlusWorkflow``: step 2 is unchanged, the devices' updates
+arrive masked, and step 3 takes the unmasked mean that SecAgg+ writes into every
+``FitRes`` instead of stacking deltas (validity from the devices' reports; under
+``federated.dp`` the server adds the Gaussian noise to the sum and the accountant of
+:mod:`fedjax_fm.training.privacy` records ε).
+
 A device that crashes, times out (``round_timeout_s``) or fails to connect in time
 is reported in the row's ``failed_clients`` and the round goes on with the others;
 one that returns NaN/Inf is rejected by the aggregation and listed in
