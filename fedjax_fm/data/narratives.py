@@ -45,6 +45,12 @@ ITEMS = (
 )
 EVENTS = ("the meeting", "the class", "the rehearsal", "the match", "the interview", "the appointment",
           "the training", "the concert", "the party", "the lecture", "the film", "the dinner")
+TASKS = (
+    "pay the rent", "call the plumber", "send the report", "book the flights", "water the plants",
+    "renew the passport", "feed the cat", "return the books", "fix the printer", "submit the form",
+    "clean the windows", "walk the dog", "buy a present", "wash the car", "print the tickets",
+)
+GENRES = ("horror", "comedy", "action", "sci-fi", "romantic", "animated", "crime", "fantasy", "war", "musical")
 WEATHER = ("it was raining", "the sun was out", "it was very windy", "it was cold", "it was warm and quiet")
 FEELINGS = ("happy", "tired", "late", "hungry", "nervous", "excited", "calm", "busy")
 NUMBERS = ("two", "three", "four", "five", "six", "5", "10", "15", "20", "30", "45")
@@ -132,8 +138,77 @@ def _timetable(rng):
     parts.append(f"On {days[-1]} {a} also has {_pick(rng, EVENTS)}.")
     return " ".join(parts)
 
+# Chat threads: everyday messages with greetings, chit-chat and a plan whose people,
+# places, days and times come back in later lines. Phrasings and chit-chat are this
+# module's own (not the demo's dialogue generator's), so the base learns chat
+# register and entity tracking without ever seeing a dialogue -> summary pair.
+GREETINGS = ("hi", "hey", "hello", "morning", "evening", "hey you", "hiya", "good morning")
+CHITCHAT = (
+    "I slept so badly last night", "the weather is finally nice", "work was crazy today",
+    "I started running again", "my brother is coming to stay", "the kids are finally asleep",
+    "I found a great recipe for soup", "the train was late again", "did you watch the news?",
+    "I need a holiday", "my laptop froze twice today", "the cat broke another glass",
+    "I'm learning to play the piano", "we painted the kitchen yesterday", "I lost my favourite pen",
+    "the concert tickets sold out in minutes", "I'm trying to drink less coffee", "the garden looks lovely",
+    "my neighbour got a puppy", "I finished my exams", "it's raining again", "I can't wait for summer",
+    "we went hiking in the mountains last weekend", "my cousins visited us for a few days",
+    "what a game last night, did you see the finish?", "I can't believe how busy this month is",
+    "the new job is fun and my team is nice", "it's freezing, I almost stayed in bed all morning",
+    "I'm reading a book with very short chapters", "my phone battery is dying all the time",
+    "I've been learning Spanish every evening", "I had to go to the dentist, it did hurt a bit",
+    "our neighbours are building a new house", "what colour should I paint the bedroom?",
+    "I cooked enough pasta for the whole week", "the traffic downtown was terrible this morning",
+    "I was stuck on the bus for ages", "did you get the photos I sent?", "those photos look amazing",
+    "my sister is visiting next month", "I can't find my glasses anywhere", "have you checked the car?",
+    "there's a new series everyone is watching", "I only saw the first episode",
+    "I'm so tired after this week", "I need a long sleep", "it's getting easier every day",
+    "nothing fancy for dinner tonight", "tell her I said hi", "I really have to try it then",
+    "my mum called this morning", "the shop on the corner closed", "I'm cooking tonight, any ideas?",
+    "the football match was on TV", "my back hurts from the gym", "we should get a new sofa",
+)
+ANSWERS = (
+    "oh really?", "same here", "haha nice", "good for you", "poor you", "I know the feeling",
+    "that's great", "no way", "lucky you", "me too", "what happened?", "sounds lovely", "ugh",
+)
+SHORT = ("ok", "haha", "lol", "sure", "wait", "yes", "no", "right", "cool", "hmm", ":)", "thanks", "true")
+PLAN_LINES = (
+    ("shall we meet at the {place} on {day}?", "yes, {day} at {time} works", "good, the {place} at {time} then"),
+    ("can you lend me the {item} on {day}?", "sure, you can have the {item}", "thanks, I'll get it on {day}"),
+    ("I'm going to be {n} minutes late for {event}", "no problem, we'll start {event} later", "sorry again"),
+    ("I can't come to {event} on {day}", "oh no, what happened?", "I'm ill, sorry about {day}"),
+    ("I'm having a party at the {place} on {day}", "I'll be there!", "great, the {place} at {time}"),
+    ("I booked a table for {n} at the {place}", "what time?", "at {time} on {day}"),
+    ("remember to bring the {item} on {day}", "I won't forget the {item}", "good"),
+    ("could you get {item} on the way?", "sure, anything else?", "just the {item}, thanks"),
+    ("let's watch a {genre} film on {day}", "at the {place}?", "yes, at {time}"),
+    ("I still have to {task} before {day}", "do you need help?", "no, I'll {task} on {day}"),
+    ("did you {task}?", "not yet, I'll do it on {day}", "ok, don't forget"),
+    ("can you pick me up from the {place}?", "when?", "at {time} on {day}"),
+)
 
-KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable}
+
+def _chat(rng):
+    a, b, c = _cast(rng, 3)
+    slots = dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
+                 event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS),
+                 task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+    speakers = (a, b, c) if rng.random() < 0.3 else (a, b)
+    lines = [(a, _pick(rng, GREETINGS) + _pick(rng, ("", f" {b}", "!"))), (b, _pick(rng, GREETINGS + ANSWERS))]
+    for _ in range(int(rng.integers(0, 12))):       # 0-11 exchanges of chit-chat: chats from 4 to ~30 lines
+        first = _pick(rng, speakers)
+        second = _pick(rng, tuple(s for s in speakers if s != first))
+        lines += [(first, _pick(rng, CHITCHAT)), (second, _pick(rng, ANSWERS))]
+        if rng.random() < 0.2:
+            lines.append((_pick(rng, speakers), _pick(rng, SHORT)))
+    ask, reply, close = _pick(rng, PLAN_LINES)
+    at = int(rng.integers(2, len(lines) + 1))
+    plan = [(a, ask.format(**slots)), (b, reply.format(**slots)), (a, close.format(**slots))]
+    lines = lines[:at] + plan + lines[at:]
+    lines.append((_pick(rng, (a, b)), _pick(rng, ("bye", "see you", "ok", "thanks!", f"see you {slots['day']}"))))
+    return "\n".join(f"{speaker}: {text}" for speaker, text in lines)
+
+
+KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable, "chat": _chat}
 
 
 def narrative(rng: np.random.Generator) -> str:
