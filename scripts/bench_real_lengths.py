@@ -11,9 +11,10 @@ Rows, each in its own subprocess (as ``scripts/bench_model.py``), all in one run
 
 * ``fedjax_fm unpacked``: every example padded to 512 / 96 (the static shapes of a run
   without packing), ``batch`` examples per step;
-* ``fedjax_fm packed``: ``batch`` rows per step of ``--pack-src`` / ``--pack-tgt`` slots,
-  filled by ``fedjax_fm.data.packing`` (first-fit over shuffled windows) with the
-  segment-aware model -- the run layer's ``data.packing``;
+* ``fedjax_fm packed``: ``--pack-rows`` rows per step of ``--pack-src`` / ``--pack-tgt``
+  slots (default 6 rows of 512 / 128: see "Row geometry" below), filled by
+  ``fedjax_fm.data.packing`` (first-fit over shuffled windows) with the segment-aware
+  model -- the run layer's ``data.packing``;
 * ``torch dynamic``: transformers + PEFT, each batch padded to its own longest
   example (``DataCollatorForSeq2Seq``'s default), examples in random order;
 * ``torch grouped``: the same with length-grouped batches (``Trainer``'s
@@ -24,9 +25,27 @@ only real tokens (source + target, no padding); the clients run one after anothe
 and the time is the sum of the timed local updates (compilation / first batch
 excluded). Memory: peak RSS of the worker minus its RSS right after the imports.
 
+Every row also reports its *executed* model FLOPs (``models.flops.train_step_flops`` of
+the shapes that ran: ``[rows, S] -> [rows, T]`` per step, padding included) next to the
+useful ones, so the ratio of two rows' real tokens/s splits exactly into
+
+    (real tokens / executed FLOP)  x  (executed FLOP/s)
+     = what the layout wastes        x  how fast the machine runs it
+
+and a ceiling for packing at equal speed per executed FLOP can be read off.
+
+**Row geometry.** With the limits 512 / 96 a packed row of 512 / 96 slots is bound by
+its *target* slots on SAMSum-like lengths (source mean ~150, target ~28: 96 target
+slots fill before 512 source slots; measured fill 0.76 source, 0.87 target). 128 target
+slots balance the two (0.92 / 0.80, 0.90 of all slots real) and give 1.13x more real
+tokens per executed FLOP (``models.flops``; 160 or more target slots, or longer source
+rows, give less: the quadratic attention of longer rows and emptier target slots).
+Rows per step only set memory on this CPU (the matmuls are as fast at 6 x 512 rows as
+at 8 x 512): 6 rows keep the peak below PyTorch's.
+
 Usage::
 
-    python scripts/bench_real_lengths.py              # 3 clients x 4 steps x batch 8
+    python scripts/bench_real_lengths.py              # 3 clients x 4 steps (batch 8; packed: 6 rows)
     python scripts/bench_real_lengths.py --quick      # a smoke test of a few minutes
 """
 
@@ -104,7 +123,7 @@ def _worker_jax(args, packed: bool) -> dict:
     from fedjax_fm.fl.t5_task import t5_loss_fn
     from fedjax_fm.models import lora as lora_lib
     from fedjax_fm.models.config import LoraConfig, preset
-    from fedjax_fm.models.flops import ExampleFlops
+    from fedjax_fm.models.flops import ExampleFlops, train_step_flops
     from fedjax_fm.models.t5 import T5, init_params
     from fedjax_fm.training.round import useful_train_flops
 
@@ -123,9 +142,9 @@ def _worker_jax(args, packed: bool) -> dict:
     for c, indices in enumerate(_client_streams(args)):
         if packed:
             spec = PackingSpec(args.pack_src, args.pack_tgt, max_segments=args.max_segments, window=args.window)
-            p = pack_round(tokens, indices, seed=args.seed, round_index=0, client=c, num_rows=args.steps * args.batch,
-                           spec=spec)
-            batch = {k: v.reshape(args.steps, args.batch, *v.shape[1:]) for k, v in p.batch.items()}
+            p = pack_round(tokens, indices, seed=args.seed, round_index=0, client=c,
+                           num_rows=args.steps * args.pack_rows, spec=spec)
+            batch = {k: v.reshape(args.steps, args.pack_rows, *v.shape[1:]) for k, v in p.batch.items()}
         else:
             idx, w = batching.round_slots(indices, seed=args.seed, round_index=0, client=c,
                                           num_slots=args.steps * args.batch, num_real=args.steps * args.batch)
@@ -137,7 +156,7 @@ def _worker_jax(args, packed: bool) -> dict:
     compile_s = time.perf_counter() - t0
     seconds, real, slots, examples = 0.0, 0.0, 0.0, 0.0
     example_flops = ExampleFlops(config, lora)
-    flops = 0.0
+    flops, executed = 0.0, 0.0
     for c, batch in enumerate(rounds):
         t0 = time.perf_counter()
         delta, n, metrics = update(trainable, frozen, batch, jax.random.PRNGKey(10 + c))
@@ -147,8 +166,10 @@ def _worker_jax(args, packed: bool) -> dict:
         examples += float(n)
         slots += batch["attention_mask"].size + batch["decoder_attention_mask"].size
         flops += useful_train_flops(example_flops, batch)
+        steps, rows, source_len = batch["input_ids"].shape
+        executed += steps * train_step_flops(config, rows, source_len, batch["labels"].shape[-1], lora=lora).total
     return dict(framework="jax", packed=packed, seconds=seconds, real_tokens=real, examples=examples,
-                padding_efficiency=real / slots, useful_flops=flops, compile_s=compile_s,
+                padding_efficiency=real / slots, useful_flops=flops, executed_flops=executed, compile_s=compile_s,
                 baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), version=f"jax {jax.__version__}",
                 loss=float(metrics["loss"]))
 
@@ -162,6 +183,8 @@ def _worker_torch(args, grouped: bool) -> dict:
     import transformers
 
     from fedjax_fm.models import preset
+    from fedjax_fm.models.config import LoraConfig
+    from fedjax_fm.models.flops import ExampleFlops, train_step_flops
 
     baseline = _rss_now_mib()
     config = preset(args.preset)
@@ -203,7 +226,10 @@ def _worker_torch(args, grouped: bool) -> dict:
         return float(out.loss)
 
     step(collate(np.arange(args.batch)))  # warm-up (allocator, first-call overheads), not timed
+    lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, target_modules=("q", "v"))
+    example_flops = ExampleFlops(config, lora)
     seconds, real, slots, examples, loss = 0.0, 0.0, 0.0, 0.0, float("nan")
+    useful, executed = 0.0, 0.0
     for c, indices in enumerate(_client_streams(args)):
         for idx in batches_of(indices, np.random.default_rng([args.seed, 0, c])):
             batch = collate(idx)
@@ -213,8 +239,11 @@ def _worker_torch(args, grouped: bool) -> dict:
             real += float(tokens.input_lengths[idx].sum() + tokens.label_lengths[idx].sum())
             slots += batch["input_ids"].numel() + batch["labels"].numel()
             examples += len(idx)
+            useful += example_flops(tokens.input_lengths[idx], tokens.label_lengths[idx])
+            executed += train_step_flops(config, len(idx), batch["input_ids"].shape[1], batch["labels"].shape[1],
+                                         lora=lora).total
     return dict(framework="torch", grouped=grouped, seconds=seconds, real_tokens=real, examples=examples,
-                padding_efficiency=real / slots, useful_flops=None, compile_s=None,
+                padding_efficiency=real / slots, useful_flops=useful, executed_flops=executed, compile_s=None,
                 baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), loss=loss, threads=torch.get_num_threads(),
                 version=f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__} "
                 f"(attn: {model.base_model.model.config._attn_implementation})")
@@ -247,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src-len", type=int, default=512, help="source truncation limit")
     parser.add_argument("--tgt-len", type=int, default=96, help="target truncation limit (95 + 1, as bench_model)")
     parser.add_argument("--pack-src", type=int, default=None, help="packed row source slots (default --src-len)")
-    parser.add_argument("--pack-tgt", type=int, default=None, help="packed row target slots (default --tgt-len)")
+    parser.add_argument("--pack-tgt", type=int, default=128,
+                        help="packed row target slots (default 128: balances source and target fill; module docstring)")
+    parser.add_argument("--pack-rows", type=int, default=6, help="packed rows per step (module docstring)")
     parser.add_argument("--max-segments", type=int, default=None)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--pool", type=int, default=3000, help="examples to draw (split over the clients)")
@@ -257,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.clients, args.steps, args.batch = 1, 1, 2
+        args.clients, args.steps, args.batch, args.pack_rows = 1, 1, 2, 2
     args.pack_src = args.pack_src or args.src_len
-    args.pack_tgt = args.pack_tgt or args.tgt_len
+    args.pack_tgt = max(args.pack_tgt, args.tgt_len)
     if args._worker:
         kind, variant = args._worker.split(":")
         result = _worker_jax(args, variant == "packed") if kind == "jax" else _worker_torch(args, variant == "grouped")
@@ -268,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_argv = ["--preset", args.preset, "--clients", str(args.clients), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
-                   "--pack-src", str(args.pack_src), "--pack-tgt", str(args.pack_tgt), "--window", str(args.window),
+                   "--pack-src", str(args.pack_src), "--pack-tgt", str(args.pack_tgt), "--pack-rows", str(args.pack_rows),
+                   "--window", str(args.window),
                    "--pool", str(args.pool), "--seed", str(args.seed)]
     if args.max_segments is not None:
         worker_argv += ["--max-segments", str(args.max_segments)]
@@ -276,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, python {platform.python_version()}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
     print(f"work: {args.preset} dims, LoRA r=8 on q,v, AdamW, float32; {args.clients} clients x {args.steps} steps x "
-          f"batch {args.batch}; limits {args.src_len}/{args.tgt_len}; packed rows {args.pack_src}/{args.pack_tgt}")
+          f"batch {args.batch}; limits {args.src_len}/{args.tgt_len}; packed: {args.pack_rows} rows of "
+          f"{args.pack_src}/{args.pack_tgt} per step")
     print(f"lengths (seed {args.seed}): source median {np.median(src):.0f}, p85 {np.percentile(src, 85):.0f}, "
           f"max {src.max()}; target median {np.median(tgt):.0f}, p90 {np.percentile(tgt, 90):.0f}")
     results = {}
@@ -287,21 +320,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{name}] {r['version']}; {r['examples']:.0f} examples, {r['real_tokens']:.0f} real tokens "
               f"in {r['seconds']:.1f} s; load average now {os.getloadavg()[0]:.2f}", flush=True)
 
-    header = f"{'row':<20}{'real tok/s':>11}{'pad eff':>9}{'peak MiB':>10}{'examples/s':>12}{'useful GFLOP/s':>16}{'loss':>8}"
+    header = (f"{'row':<20}{'real tok/s':>11}{'pad eff':>9}{'peak MiB':>10}{'examples/s':>12}{'useful GFLOP/s':>16}"
+              f"{'exec GFLOP/s':>14}{'tok/exec GFLOP':>16}{'loss':>8}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         r["tps"] = r["real_tokens"] / r["seconds"]
         r["mem"] = r["peak_rss_mib"] - r["baseline_rss_mib"]
-        gf = f"{r['useful_flops'] / r['seconds'] / 1e9:.2f}" if r.get("useful_flops") else "-"
+        r["exec_rate"] = r["executed_flops"] / r["seconds"]  # how fast the machine runs the work
+        r["tokens_per_flop"] = r["real_tokens"] / r["executed_flops"]  # what the layout wastes
         print(f"{name:<20}{r['tps']:>11.0f}{r['padding_efficiency']:>9.3f}{r['mem']:>10.0f}"
-              f"{r['examples'] / r['seconds']:>12.2f}{gf:>16}{r['loss']:>8.3f}")
+              f"{r['examples'] / r['seconds']:>12.2f}{r['useful_flops'] / r['seconds'] / 1e9:>16.2f}"
+              f"{r['exec_rate'] / 1e9:>14.2f}{r['tokens_per_flop'] * 1e9:>16.2f}{r['loss']:>8.3f}")
     torch_rows = [n for n in results if n.startswith("torch")]
     if torch_rows:
         best = max(torch_rows, key=lambda n: results[n]["tps"])
+        b = results[best]
         for name in (n for n in results if n.startswith("fedjax_fm")):
-            print(f"ratio {name} / {best}: {results[name]['tps'] / results[best]['tps']:.2f}x real tokens/s, "
-                  f"{results[name]['mem'] / results[best]['mem']:.2f}x peak memory")
+            r = results[name]
+            print(f"ratio {name} / {best}: {r['tps'] / b['tps']:.2f}x real tokens/s "
+                  f"= {r['tokens_per_flop'] / b['tokens_per_flop']:.2f}x real tokens per executed FLOP "
+                  f"x {r['exec_rate'] / b['exec_rate']:.2f}x executed FLOP/s; "
+                  f"{r['mem'] / b['mem']:.2f}x peak memory")
     if "fedjax_fm packed" in results and "fedjax_fm unpacked" in results:
         print(f"ratio packed / unpacked: {results['fedjax_fm packed']['tps'] / results['fedjax_fm unpacked']['tps']:.2f}x")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
