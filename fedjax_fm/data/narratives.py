@@ -1,0 +1,150 @@
+"""A seeded generator of short everyday texts: the corpus the demo's base model is pretrained on.
+
+Each text is a few sentences of one of several kinds (a diary entry, a message
+thread, a note on a fridge, a short story, a weekly timetable), in which a small
+cast of people, places, days and times is introduced and then *mentioned again*::
+
+    On Thursday Hugo took the bus to the museum. He met Kofi there at 3 pm.
+    Kofi had brought a camera, and Hugo borrowed it for the afternoon.
+    At the museum they saw a film about the sea. Hugo was home by 7 pm.
+
+So a model pretrained on it (with span corruption, ``fedjax_fm.data.span_corruption``)
+learns ordinary English about plans and errands and, because a masked name, place
+or day can usually be recovered from elsewhere in the same text, to copy entities
+from its context. It holds no dialogue -> summary pairs: the summarisation task of
+the demo (``fedjax_fm.data.synthetic``) is learned only in fine-tuning. Its word
+lists are its own (a superset of the demo's entities, so that the tokenizer trained
+on it spells them), written for this project and released with it under Apache-2.0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NAMES = (
+    "Amanda", "Tom", "Lena", "Marco", "Priya", "Jonas", "Sofia", "Ethan", "Mila", "Omar",
+    "Hannah", "Lucas", "Chloe", "Daniel", "Nora", "Felix", "Aisha", "Leo", "Grace", "Ivan",
+    "Julia", "Ben", "Zoe", "Mateo", "Clara", "Sam", "Elena", "Noah", "Yuki", "Oscar",
+    "Maya", "Adam", "Ruby", "Kofi", "Ines", "Pavel", "Lucy", "Hugo", "Sara", "Tariq",
+    "Anna", "Max", "Emma", "Karim", "Lisa", "Paul", "Rosa", "Victor", "Alice", "Jamal",
+    "Eva", "Finn", "Irene", "Diego", "Mia", "Rahul", "Nina", "Peter", "Layla", "Samuel",
+)
+PLACES = (
+    "cafe", "library", "station", "gym", "park", "office", "mall", "cinema", "bakery",
+    "museum", "airport", "school", "market", "beach", "bar", "hotel", "bookshop", "stadium",
+    "pizzeria", "sushi bar", "steakhouse", "noodle place", "taco stand", "bistro", "curry house",
+    "pharmacy", "post office", "harbour", "garden", "theatre", "bank", "hospital", "zoo",
+)
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+TIMES = tuple(f"{h} {m}" for m in ("am", "pm") for h in range(1, 13))
+ITEMS = (
+    "charger", "umbrella", "bike", "camera", "drill", "tent", "laptop", "guitar", "ladder",
+    "car", "blender", "projector", "suitcase", "headphones", "keys", "notes", "jacket",
+    "milk", "bread", "eggs", "coffee", "apples", "rice", "cheese", "tomatoes", "pasta", "butter", "juice",
+    "tickets", "snacks", "cake", "blanket", "map", "drinks", "board game", "flowers", "book", "scarf",
+)
+EVENTS = ("the meeting", "the class", "the rehearsal", "the match", "the interview", "the appointment",
+          "the training", "the concert", "the party", "the lecture", "the film", "the dinner")
+WEATHER = ("it was raining", "the sun was out", "it was very windy", "it was cold", "it was warm and quiet")
+FEELINGS = ("happy", "tired", "late", "hungry", "nervous", "excited", "calm", "busy")
+NUMBERS = ("two", "three", "four", "five", "six", "5", "10", "15", "20", "30", "45")
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _cast(rng: np.random.Generator, n: int) -> list[str]:
+    return [NAMES[int(i)] for i in rng.choice(len(NAMES), size=n, replace=False)]
+
+
+def _diary(rng):
+    a, b = _cast(rng, 2)
+    place, day, time, item = _pick(rng, PLACES), _pick(rng, DAYS), _pick(rng, TIMES), _pick(rng, ITEMS)
+    later = _pick(rng, TIMES)
+    return " ".join([
+        f"On {day} {a} went to the {place}.",
+        _pick(rng, (f"{a} met {b} there at {time}.", f"At {time} {b} arrived at the {place} too.",
+                    f"{b} was already waiting at the {place} at {time}.")),
+        _pick(rng, (f"{b} had brought the {item}, and {a} borrowed it.", f"{a} gave {b} the {item}.",
+                    f"They talked about the {item} for a while.")),
+        f"Outside {_pick(rng, WEATHER)}.",
+        _pick(rng, (f"{a} was home from the {place} by {later}.", f"{b} left the {place} at {later}.",
+                    f"On {day} evening {a} felt {_pick(rng, FEELINGS)}.")),
+    ])
+
+
+def _thread(rng):
+    a, b = _cast(rng, 2)
+    place, day, time = _pick(rng, PLACES), _pick(rng, DAYS), _pick(rng, TIMES)
+    lines = [
+        f"{a}: {_pick(rng, ('hi', 'hey', 'hello'))} {b}",
+        f"{b}: {_pick(rng, ('hi!', 'hey, what is up?', 'hello :)', 'hi, all good?', 'yo'))}",
+        f"{a}: " + _pick(rng, (f"I am at the {place} now", f"are you going to the {place} on {day}?",
+                               f"the {place} opens at {time} on {day}")),
+        f"{b}: " + _pick(rng, (f"I will be at the {place} at {time}", f"{day} at {time} is fine for me",
+                               f"ok, the {place} on {day} then")),
+        f"{a}: " + _pick(rng, (f"great, see you on {day}", f"good, {time} at the {place}", "perfect",
+                               "ok, thanks!", "sounds good :)")),
+    ]
+    if rng.random() < 0.5:
+        lines.append(f"{b}: " + _pick(rng, ("bye!", "see you", ":)", "ok", "thanks!", "don't be late!",
+                                            f"can you bring the {_pick(rng, ITEMS)}?", "I'm on my way")))
+    return "\n".join(lines)
+
+
+def _note(rng):
+    a, b = _cast(rng, 2)
+    item, item2, day, time = _pick(rng, ITEMS), _pick(rng, ITEMS), _pick(rng, DAYS), _pick(rng, TIMES)
+    place = _pick(rng, PLACES)
+    return " ".join([
+        f"Note for {b} from {a}:",
+        _pick(rng, (f"please take the {item} to the {place} on {day}.", f"the {item} is at the {place}.",
+                    f"I left the {item} for you at the {place}.")),
+        _pick(rng, (f"We also need {item2}.", f"Don't forget the {item2}.", f"The {item2} is in the kitchen.")),
+        _pick(rng, (f"I will be back at {time} on {day}.", f"Call me before {time}.", f"{a} will see {b} on {day}.")),
+        f"Thanks, {a}.",
+    ])
+
+
+def _story(rng):
+    a, b, c = _cast(rng, 3)
+    place, place2, day, time = _pick(rng, PLACES), _pick(rng, PLACES), _pick(rng, DAYS), _pick(rng, TIMES)
+    event, n = _pick(rng, EVENTS), _pick(rng, NUMBERS)
+    return " ".join([
+        f"{a} and {b} planned {event} for {day}.",
+        _pick(rng, (f"It was going to be at the {place} at {time}.", f"They chose the {place} because it is quiet.",
+                    f"{c} booked a table for {n} at the {place}.")),
+        _pick(rng, (f"On {day} {c} was {n} minutes late.", f"{c} could not come on {day}.",
+                    f"{c} came to the {place} with {_pick(rng, ITEMS)}.")),
+        _pick(rng, (f"After {event} they walked to the {place2}.", f"{b} drove {a} home from the {place}.",
+                    f"{a} thanked {b} and {c} for {event}.")),
+        f"{b} said {event} on {day} was {_pick(rng, ('fun', 'long', 'great', 'too short'))}.",
+    ])
+
+
+def _timetable(rng):
+    a = _cast(rng, 1)[0]
+    days = [DAYS[int(i)] for i in np.sort(rng.choice(len(DAYS), size=3, replace=False))]
+    parts = [f"{a}'s week:"]
+    for day in days:
+        parts.append(f"on {day} {a} goes to the {_pick(rng, PLACES)} at {_pick(rng, TIMES)}.")
+    parts.append(f"On {days[-1]} {a} also has {_pick(rng, EVENTS)}.")
+    return " ".join(parts)
+
+
+KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable}
+
+
+def narrative(rng: np.random.Generator) -> str:
+    """One text drawn from ``rng``."""
+    return KINDS[_pick(rng, tuple(KINDS))](rng)
+
+
+def narrative_corpus(num_texts: int, *, seed: int = 0) -> list[str]:
+    """``num_texts`` texts; text ``i`` is drawn from ``default_rng([seed, i])`` (a larger
+    corpus extends a smaller one with the same seed)."""
+    return [narrative(np.random.default_rng([seed, i])) for i in range(num_texts)]
+
+
+__all__ = ["KINDS", "narrative", "narrative_corpus"]

@@ -1,0 +1,83 @@
+"""T5's span corruption (fedjax_fm.data.span_corruption) and the pretraining corpus generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedjax_fm.data.narratives import NAMES, narrative_corpus
+from fedjax_fm.data.span_corruption import random_spans_noise_mask, span_corrupt
+
+TOP = 999  # id of <extra_id_0>
+
+
+def _spans(mask):
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+@pytest.mark.parametrize("length", [2, 5, 20, 57, 114])
+def test_noise_mask_layout_follows_t5(length):
+    for seed in range(20):
+        mask = random_spans_noise_mask(length, np.random.default_rng(seed))
+        assert mask.shape == (length,) and mask.dtype == bool
+        assert mask.sum() == int(np.clip(round(length * 0.15), 1, length - 1))
+        assert not mask[0]          # starts with kept tokens
+        assert mask[-1]             # and ends with a noise span, as T5's interleaving does
+        expected_spans = max(1, round(mask.sum() / 3))
+        assert len(_spans(mask)) == min(expected_spans, mask.sum(), length - mask.sum())
+
+
+def test_mean_span_length_is_three_on_long_sequences():
+    lengths = [e - s for seed in range(200) for s, e in _spans(random_spans_noise_mask(200, np.random.default_rng(seed)))]
+    assert np.mean(lengths) == pytest.approx(3.0, abs=0.05)
+
+
+def test_inputs_and_targets_reassemble_the_text():
+    tokens = np.arange(10, 70, dtype=np.int32)
+    for seed in range(30):
+        inputs, targets = span_corrupt(tokens, np.random.default_rng(seed), sentinel_top=TOP, eos_id=1)
+        assert inputs[-1] == 1 and targets[-1] == 1
+        # Replace sentinel k in the inputs by the tokens following sentinel k in the targets.
+        pieces, current = {}, None
+        for t in targets[:-1]:
+            if t > 900:
+                current = TOP - t
+                pieces[current] = []
+            else:
+                pieces[current].append(int(t))
+        rebuilt = []
+        for t in inputs[:-1]:
+            rebuilt.extend(pieces[TOP - t] if t > 900 else [int(t)])
+        assert rebuilt == tokens.tolist()
+        sentinels = [TOP - t for t in inputs if t > 900]
+        assert sentinels == list(range(len(sentinels)))      # <extra_id_0>, <extra_id_1>, ... in order
+        assert targets[0] == TOP                              # targets open with <extra_id_0>
+        assert len(inputs) + len(targets) == len(tokens) + 2 * len(sentinels) + 2
+
+
+def test_span_corrupt_is_pure_and_seeded():
+    tokens = np.arange(5, 45)
+    copy = tokens.copy()
+    a = span_corrupt(tokens, np.random.default_rng(7), sentinel_top=TOP)
+    b = span_corrupt(tokens, np.random.default_rng(7), sentinel_top=TOP)
+    c = span_corrupt(tokens, np.random.default_rng(8), sentinel_top=TOP)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    np.testing.assert_array_equal(tokens, copy)
+
+
+def test_too_few_sentinels_and_short_input_are_errors():
+    with pytest.raises(ValueError, match="sentinels"):
+        span_corrupt(np.arange(3, 300), np.random.default_rng(0), sentinel_top=TOP, max_sentinels=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        span_corrupt([5], np.random.default_rng(0), sentinel_top=TOP)
+
+
+def test_narrative_corpus_is_seeded_extends_and_repeats_entities():
+    small, large = narrative_corpus(20, seed=3), narrative_corpus(40, seed=3)
+    assert large[:20] == small and narrative_corpus(20, seed=4) != small
+    # Entities recur: most texts name some person at least twice (what teaches copying).
+    repeats = sum(any(text.count(name) >= 2 for name in NAMES) for text in large)
+    assert repeats >= 30
+    assert not any("summar" in text.lower() for text in large)   # no summaries: not the demo's task
