@@ -129,6 +129,8 @@ class Experiment:
         row["eval_seconds"] = record.wall_s
         row["eval_joules"] = record.joules
         self.last_predictions = list(zip(result.predictions, result.references))
+        if row["round"] == 0:
+            self.first_predictions = self.last_predictions
 
     def _round_inputs(self, round_index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cfg = self.cfg
@@ -239,12 +241,29 @@ class Experiment:
         )
         if cfg.output.plots:
             plot_run(self.out_dir, self.recorder.rows)
+        self._say_examples()
         final = summary["final"] or {}
         self.say(
             f"done: {summary['rounds']} rounds; ROUGE-L {format_value(summary['initial'] and summary['initial']['rougeL'])}"
             f" -> {format_value(final.get('rougeL'))}; params_sha256 {summary['params_sha256'][:16]}…; results in {self.out_dir}"
         )
         return summary
+
+
+    def _say_examples(self) -> None:
+        """One held-out example before and after training, then the last evaluation's five."""
+        last = getattr(self, "last_predictions", [])
+        first = getattr(self, "first_predictions", [])
+        if first and last and first is not last:
+            self.say("before and after training, held-out example 1:")
+            self.say(f"  reference: {last[0][1]}")
+            self.say(f"  before:    {first[0][0]}")
+            self.say(f"  after:     {last[0][0]}")
+        if last:
+            self.say(f"held-out examples (prediction / reference), the first {min(5, len(last))}:")
+            for k, (prediction, reference) in enumerate(last[:5], 1):
+                self.say(f"  {k}. {prediction}")
+                self.say(f"     {reference}")
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
