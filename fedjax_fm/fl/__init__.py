@@ -54,7 +54,17 @@ from fedjax_fm.fl.codecs import (
     take_client_states,
     topk,
 )
-from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
+from fedjax_fm.fl.execution import (
+    ClientOutputs,
+    ClientSlots,
+    Sequential,
+    Sharded,
+    Vmapped,
+    all_slots,
+    client_mesh,
+    client_slots,
+    to_host,
+)
 from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections, tree_nbytes
 from fedjax_fm.fl.privacy import (
     AdaptiveClipping,
@@ -88,6 +98,7 @@ __all__ = [
     "AdaptiveClipping",
     "AggregateResult",
     "ClientOutputs",
+    "ClientSlots",
     "Codec",
     "DPAggregateResult",
     "DPAggregator",
@@ -101,6 +112,7 @@ __all__ = [
     "Sharded",
     "Vmapped",
     "aggregate",
+    "all_slots",
     "batch_counts",
     "bf16",
     "chain",
@@ -109,6 +121,7 @@ __all__ = [
     "client_norms",
     "client_optimizer",
     "client_rngs",
+    "client_slots",
     "clip_deltas",
     "downlink_bytes",
     "dp_aggregate",
@@ -145,6 +158,7 @@ __all__ = [
     "server_optimizer",
     "split_variables",
     "take_client_states",
+    "to_host",
     "topk",
     "trainable_collections",
     "tree_nbytes",
