@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
+import threading
 from typing import Any, Optional, Sequence
 
 import jax
@@ -54,29 +57,49 @@ def check_config(cfg: ExperimentConfig) -> None:
 def start(cfg: ExperimentConfig) -> None:
     """``jax.distributed.initialize`` from the config; nothing when ``distributed`` is null.
 
-    Raises :class:`DistributedError` with what to check when the processes do not all
-    join within ``initialization_timeout_s``.
+    When the processes do not all join within ``initialization_timeout_s``, this process
+    prints what to check and exits with status 2 (JAX's own client would abort a few
+    seconds later with a bare ``DEADLINE_EXCEEDED``, which no Python code can catch).
+    Other failures to start raise :class:`DistributedError`.
     """
     spec = section(cfg)
     if spec is None:
         return
     check_config(cfg)
+    message = _join_failure(spec)
+    watchdog = threading.Timer(spec.initialization_timeout_s, _give_up, args=(message,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
-            process_id=spec.process_id, initialization_timeout=spec.initialization_timeout_s,
+            process_id=spec.process_id, initialization_timeout=spec.initialization_timeout_s + _NATIVE_GRACE_S,
             heartbeat_timeout_seconds=spec.heartbeat_timeout_s,
         )
-    except Exception as error:  # jax raises RuntimeError / XlaRuntimeError / ValueError here
-        where = spec.coordinator_address or "the address JAX's cluster detection found"
-        expected = spec.num_processes if spec.num_processes is not None else "all"
-        raise DistributedError(
-            f"distributed: process {spec.process_id if spec.process_id is not None else '?'} could not join "
-            f"{expected} processes at {where} within distributed.initialization_timeout_s="
-            f"{spec.initialization_timeout_s}: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}. "
-            "Check that every process was started (process ids 0 .. num_processes-1, the same num_processes "
-            "and coordinator_address in each) and that process 0's host and port are reachable."
-        ) from None
+    except Exception as error:  # jax raises RuntimeError / ValueError for a bad address or missing keys
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise DistributedError(f"{message} ({detail})") from None
+    finally:
+        watchdog.cancel()
+
+
+# JAX's client aborts the process when its own init timeout passes; ours fires first.
+_NATIVE_GRACE_S = 10
+
+
+def _join_failure(spec: DistributedSection) -> str:
+    where = spec.coordinator_address or "the coordinator address JAX's cluster detection found"
+    expected = spec.num_processes if spec.num_processes is not None else "all"
+    who = spec.process_id if spec.process_id is not None else "?"
+    return (f"distributed: process {who} could not join {expected} processes at {where} within "
+            f"distributed.initialization_timeout_s={spec.initialization_timeout_s}. Check that every process was "
+            "started (process ids 0 .. num_processes-1, the same num_processes and coordinator_address in each) "
+            "and that process 0's host and port are reachable")
+
+
+def _give_up(message: str) -> None:
+    print(f"fedjax-fm run: error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)  # the main thread is blocked in JAX's native connect: no exception can reach it
 
 
 def multi_process() -> bool:
