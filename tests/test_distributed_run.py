@@ -156,3 +156,18 @@ def test_more_processes_than_started_fail_with_a_clear_error(tiny_config, cache,
         assert code == 2, stderr[-2000:]
         assert "could not join 3 processes" in stderr and "Check that every process was started" in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_process_that_dies_brings_the_run_down(tiny_config, cache, tmp_path):
+    out = tmp_path / "run"
+    commands = [c + ["--set", "federated.rounds=200"] for c in _commands(tiny_config, out)]
+    started = _start(commands, cache, tmp_path / "logs")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (out / "checkpoints" / "2").is_dir():
+        assert all(p.poll() is None for p, _ in started), [log.read_text()[-2000:] for _, log in started]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    started[1][0].send_signal(signal.SIGKILL)
+    (code, _, stderr), _ = _finish(started)  # process 0 must not hang (heartbeat_timeout_s: 20)
+    assert code != 0
+    assert "Task 1 heartbeat timeout" in stderr and "JAX distributed service detected fatal errors" in stderr
