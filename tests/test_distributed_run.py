@@ -4,7 +4,6 @@ results, kill + ``--resume``, and a clear error when the processes cannot all jo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
