@@ -85,7 +85,7 @@ def main(port: int, process_id: int, out: str) -> None:
     import jax
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                               initialization_timeout=120)
+                               initialization_timeout=120, heartbeat_timeout_seconds=30)
     jax.config.update("jax_default_matmul_precision", "highest")
     from fedjax_fm import fl
 

@@ -33,16 +33,24 @@ def two_process_env() -> dict[str, str]:
     return env
 
 
-def launch(args_for: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for args in args_for]
+def launch(args_for: list[list[str]], env: dict[str, str], logs: Path) -> list[subprocess.CompletedProcess]:
+    """Starts every command at once, output to files (a full pipe would block a process mid-collective)."""
+    files = [open(logs / f"p{i}.log", "w+") for i in range(len(args_for))]
+    procs = [subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+             for args, f in zip(args_for, files)]
     try:
-        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        for p in procs:
+            p.wait(timeout=TIMEOUT_S)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outs)]
+    results = []
+    for p, f in zip(procs, files):
+        f.seek(0)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, f.read()))
+        f.close()
+    return results
 
 
 def test_client_slots_pad_globally_and_cover_every_client():
@@ -87,7 +95,7 @@ def test_two_processes_equal_sequential(tmp_path):
     port = free_port()
     outs = [tmp_path / f"p{i}.npz" for i in range(2)]
     results = launch([[sys.executable, str(HERE / "distributed_worker.py"), str(port), str(i), str(outs[i])]
-                      for i in range(2)], two_process_env())
+                      for i in range(2)], two_process_env(), tmp_path)
     for i, result in enumerate(results):
         assert result.returncode == 0, f"process {i} failed:\n{result.stdout[-4000:]}"
     p0, p1 = (dict(np.load(out)) for out in outs)
