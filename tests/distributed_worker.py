@@ -82,7 +82,12 @@ def run(executor, clients_per_round, seed=0):
 
 
 def main(port: int, process_id: int, out: str) -> None:
+    import faulthandler
+
     import jax
+
+    # Should a collective ever wait forever, the test's log shows where (Python stacks of all threads).
+    faulthandler.dump_traceback_later(180, exit=False)
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
                                initialization_timeout=120, heartbeat_timeout_seconds=30)
@@ -99,6 +104,7 @@ def main(port: int, process_id: int, out: str) -> None:
         saved[f"{name}/loss"] = np.asarray(losses)
         saved[f"{name}/slots"] = fl.client_slots(executor, clients).positions
     np.savez(out, **saved)
+    faulthandler.cancel_dump_traceback_later()
     jax.distributed.shutdown()
 
 

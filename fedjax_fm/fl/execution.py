@@ -324,6 +324,14 @@ class Sharded:
                     split, np.asarray(x[part]), (slots.group,) + tuple(x.shape[1:]))
                 parts.append(ClientOutputs(*update(trainable, frozen, {k: feed(v) for k, v in batches.items()},
                                                    feed(rngs))))
-            return _concat(parts, count)
+                if self.multi_process:
+                    # One program with cross-process collectives in flight at a time: XLA:CPU runs
+                    # each local device's part of a program on its own thread, so two queued programs
+                    # can reach gloo's collectives in different orders on the two devices of a
+                    # process and wait on each other across processes (seen as an intermittent hang
+                    # of the two-process test). Waiting here keeps the order the same everywhere.
+                    jax.block_until_ready(parts[-1])
+            outputs = _concat(parts, count)
+            return jax.block_until_ready(outputs) if self.multi_process else outputs
 
         return run
