@@ -41,10 +41,13 @@ def launch(args_for: list[list[str]], env: dict[str, str], logs: Path) -> list[s
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pass  # a hang: killed below (returncode -9); the logs, with the workers' stack dumps, say where
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     results = []
     for p, f in zip(procs, files):
         f.seek(0)
