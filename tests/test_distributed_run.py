@@ -4,6 +4,7 @@ results, kill + ``--resume``, and a clear error when the processes cannot all jo
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,18 @@ def test_two_processes_write_one_folder_with_the_one_process_results(two_process
     single = run_experiment(load_config(tiny_config), tmp_path / "single")  # one process, 4 devices
     assert _losses(out) == pytest.approx(_losses(tmp_path / "single"), abs=1e-5)
     assert single["rounds"] == summary["rounds"] == 4
+    # Each process tokenised only the clients it fed (process 1 holds 1 of each round's 3
+    # clients), yet process 0's lineage has every client's fingerprint, as one process's.
+    assert summary["data"]["tokenised_on_demand"] == ["train", "eval"]
+    assert single["data"]["tokenised_on_demand"] == []
+    counts = [re.search(r"process (\d) of 2: tokenised (\d+) of (\d+) training examples", stderr)
+              for _, _, stderr in results]
+    assert all(counts), [stderr[-2000:] for _, _, stderr in results]
+    assert 0 < int(counts[1].group(2)) < int(counts[1].group(3)) == 96
+    lineage = lambda run: [(e["round"], e["clients"]) for e in  # noqa: E731
+                           map(json.loads, (run / "lineage.jsonl").read_text().splitlines())]
+    assert lineage(out) == lineage(tmp_path / "single")
+    assert summary["data"]["truncation"]["train"]["num_examples"] <= 96
 
 
 def test_sigkill_both_and_resume_gives_the_uninterrupted_result(two_process_run, tiny_config, cache, tmp_path):

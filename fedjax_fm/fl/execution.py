@@ -162,7 +162,8 @@ class ClientSlots(NamedTuple):
     ``group`` slots, a multiple of the mesh size); ``positions`` are the slots this
     process's devices hold, in the order its local batches must come. ``sources``
     names, for each of them, the round position whose batches fill it: itself for
-    a real client, 0 for a padding slot (the executor zeroes its ``example_weight``,
+    a real client; for a padding slot the first real client this process holds (0
+    if it holds none), whose data it has anyway (the executor zeroes its ``example_weight``,
     so it skips every step and is sliced off before aggregation).
     """
 
@@ -285,7 +286,10 @@ class Sharded:
                 "with each process's devices together (fl.client_mesh() does)"
             )
         positions = np.asarray([start + r for start in range(0, padded, group) for r in rows], np.int64)
-        sources = np.where(positions < count, positions, 0)
+        # A padding slot repeats one of this process's own real clients (weight 0), so a
+        # process never needs another process's client data (each tokenises only its own).
+        own = positions[positions < count]
+        sources = np.where(positions < count, positions, own[0] if own.size else 0)
         return ClientSlots(count, group, padded, positions, sources)
 
     def compile(self, client_update: ClientUpdate) -> RunClients:

@@ -154,6 +154,16 @@ def sum_over_processes(values: Sequence[Optional[float]]) -> list[Optional[float
     return [None if np.isnan(column).any() else float(column.sum()) for column in gathered.T]
 
 
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """``[processes, *local.shape]``: every process's int32 ``local`` (the same shape on each), on every process.
+
+    A collective; in one process ``local[None]``."""
+    local = np.asarray(local, np.int32)
+    if not multi_process():
+        return local[None]
+    return np.asarray(multihost_utils.process_allgather(local), np.int32).reshape(-1, *local.shape)
+
+
 def sum_energy(record: CallRecord) -> CallRecord:
     """A metered call's record with the joules of every process's own meter summed (a collective).
 

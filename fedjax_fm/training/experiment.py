@@ -47,7 +47,9 @@ import numpy as np
 
 from fedjax_fm import fl
 from fedjax_fm.config import ConfigError, ExperimentConfig, config_to_dict, load_config
+from fedjax_fm.data.federated import on_demand_blocker
 from fedjax_fm.data.records import DataError
+from fedjax_fm.data.tokenize import truncation_report
 from fedjax_fm.models.hf_io import HFCheckpointError
 from fedjax_fm.training import builders, distributed
 from fedjax_fm.training.checkpoint import CheckpointError
@@ -113,13 +115,16 @@ class Experiment:
         self.tokenizer = builders.build_tokenizer(cfg, self.out_dir, lambda: builders.training_texts(cfg))
         self.say(f"setting up: data ({cfg.data.source.kind}, {cfg.data.partition.method} over "
                  f"{cfg.federated.num_clients} clients; tokenising)")
-        self.data = builders.build_data(cfg, self.tokenizer)
+        # In several processes each tokenises only the clients it feeds, when it first feeds
+        # them, and process 0 the eval split (docs/distributed.md, "Data").
+        self.data = builders.build_data(cfg, self.tokenizer, on_demand=self.multi_process)
+        if self.multi_process and self.primary and self.data.train_fill is None:
+            self.say("note: every process tokenises the whole training split: "
+                     f"{on_demand_blocker(cfg.data, builders.local_work(cfg))}")
         if cfg.eval.per_client_every is not None:  # each client's held-out slice leaves its training data
             self.data, held_out = hold_out_client_examples(self.data, cfg.eval.per_client_fraction, cfg.seed)
         self.say(f"setting up: model ({cfg.model.name}, "
                  f"{'pretrained weights' if builders.wants_pretrained(cfg) else 'random init from the seed'})")
-        for line in truncation_warnings(self.data.truncation):
-            self._warn(line)
         self.model, variables = builders.build_model(cfg, self.tokenizer)
         trainable, self.local_frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
@@ -129,13 +134,18 @@ class Experiment:
         self.privacy = RunPrivacy.from_config(cfg, self.data.num_clients)
         if self.privacy is not None:
             self.algorithm = self.privacy.algorithm(self.algorithm)
-        self.evaluator = builders.build_evaluator(cfg, self.model, self.tokenizer, self.data)
+        # Evaluation runs on process 0 only: the others neither build nor tokenise it.
+        self.evaluator = builders.build_evaluator(cfg, self.model, self.tokenizer, self.data) if self.primary else None
+        # After the evaluator: on demand, process 0 has tokenised the eval examples only now.
+        for line in truncation_warnings(self.data.truncation) if self.primary else ():
+            self._warn(line)
         self.per_client = None
-        if cfg.eval.per_client_every is not None:
+        if cfg.eval.per_client_every is not None and self.primary:
+            self.data.ensure_examples(np.concatenate(held_out))
             targets = list(builders.load_source(cfg.data.source, seed=cfg.seed)[0].targets)
             self.per_client = PerClientEvaluator(self.evaluator, self.data, held_out, targets)
         self.environment = environment()
-        self.lineage = RunLineage(self.out_dir, config_to_dict(cfg), self.environment, self._client_tokens)
+        self.lineage = RunLineage(self.out_dir, config_to_dict(cfg), self.environment, self.data.client_tokens)
         self.energy = builders.build_energy(cfg, self.say)
         self.progress.energy_is_estimate = self.energy.is_estimate
         self.state = self.algorithm.init(trainable, cfg.seed)
@@ -194,12 +204,6 @@ class Experiment:
         if row["round"] == 0:
             self.first_predictions = self.last_predictions
 
-    def _client_tokens(self, client: int) -> dict[str, np.ndarray]:
-        """A client's tokenised training data, as its lineage fingerprint covers it."""
-        indices = np.asarray(self.data.partition.client_indices[client])
-        tokens = self.data.train_tokens
-        return {"input_ids": tokens.input_ids[indices], "labels": tokens.labels[indices]}
-
     def _round_inputs(self, round_index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cfg = self.cfg
         if self.privacy is not None:  # the sampling the accountant assumes; padded slots masked out
@@ -210,10 +214,26 @@ class Experiment:
         if self.multi_process:  # only the clients this process's devices hold (fl.Sharded.client_slots)
             slots = fl.client_slots(self.algorithm.executor, len(ids))
             self.slots_real = slots.real
-            batches = self.data.clients_round_batches([int(ids[s]) for s in slots.sources], round_index)
+            fed = [int(ids[s]) for s in slots.sources]
+            batches = self.data.clients_round_batches(fed, round_index)
             batches["example_weight"] = batches["example_weight"] * slots.real[:, None, None]
+            self._share_fingerprints([c for c, real in zip(fed, slots.real) if real])
             return ids, batches
         return ids, self.data.clients_round_batches([int(i) for i in ids], round_index)
+
+    def _share_fingerprints(self, own: list[int]) -> None:
+        """Every process learns the lineage fingerprints of the round's clients (a collective).
+
+        Each fingerprints the clients it fed (it has their tokens); process 0, which writes
+        the lineage, so never tokenises another process's clients."""
+        local = np.zeros((len(self.slots_real), 33), np.int32)  # [slot] client id (-1: none) + 32 digest bytes
+        local[:, 0] = -1
+        for row, client in enumerate(own):
+            local[row, 0] = client
+            local[row, 1:] = np.frombuffer(bytes.fromhex(self.lineage.fingerprint(client)), np.uint8)
+        for entry in distributed.gather_rows(local).reshape(-1, 33):
+            if entry[0] >= 0:
+                self.lineage.remember(int(entry[0]), entry[1:].astype(np.uint8).tobytes().hex())
 
     def _round_work(self, batches: dict[str, np.ndarray]) -> tuple[float, float]:
         """``(useful model FLOPs, padding_efficiency)`` of the round's batches (summed over processes)."""
@@ -357,8 +377,9 @@ class Experiment:
                          f"({', '.join(sorted(set(watch.names)))}): a shape or static argument changed")
             # Lineage before the checkpoint: a checkpoint's round always has its entry (a resume
             # truncates the file to the checkpoint's round, dropping any entry past it).
-            self.lineage.append(round_, *self.round_clients, self.variables(),
-                                extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
+            if self.primary:  # the others' lineage would only go to their scratch folder
+                self.lineage.append(round_, *self.round_clients, self.variables(),
+                                    extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
             row = recorder.record(row, self.compression.checkpoint_tree(self.state))
             board.write(row)
             self.progress.round_done(row)
@@ -406,7 +427,7 @@ class Experiment:
             int(self.state.round), variables, energy_label=self.energy.label,
             energy_is_estimate=self.energy.is_estimate, num_params=self.num_params, num_trainable=self.num_trainable,
             extra={
-                "data": self.data.report(),
+                "data": self._data_report(),
                 "examples": [{"prediction": p, "reference": r} for p, r in getattr(self, "last_predictions", [])[:5]],
                 "export": str(export_dir) if export_dir else None,
                 "process_seconds": process_seconds,
@@ -432,6 +453,23 @@ class Experiment:
             f" -> {format_value(final.get('rougeL'))}; params_sha256 {summary['params_sha256'][:16]}…; results in {self.out_dir}"
         )
         return summary
+
+    def _data_report(self) -> dict[str, Any]:
+        """``data.report()``; in several processes with on-demand tokenisation, the training
+        split's truncation covers the examples any process tokenised (a collective)."""
+        report = self.data.report()
+        fill = self.data.train_fill
+        if self.multi_process and fill is not None:
+            self._warn(f"process {jax.process_index()} of {jax.process_count()}: tokenised {int(fill.done.sum())} of "
+                       f"{len(fill)} training examples (those of the clients it fed)")
+            raw_in, raw_out = (distributed.gather_rows(x.astype(np.int32)).max(axis=0) for x in fill.raw_lengths())
+            done = raw_in >= 0
+            union = truncation_report(raw_in[done], raw_out[done], self.cfg.data.max_input_length,
+                                      self.cfg.data.max_target_length)
+            report["truncation"]["train"] = union.as_dict()
+            for line in truncation_warnings({"train": union}) if self.primary else ():
+                self._warn(line)
+        return report
 
     def _say_examples(self) -> None:
         """One held-out example before and after training, then the last evaluation's five."""
