@@ -46,10 +46,12 @@ import numpy as np
 NUM_TEXTS = 20000
 VOCAB_SIZE = 2048        # asked of SentencePiece; the corpus yields fewer pieces (hard_vocab_limit off)
 EXTRA_IDS = 32
-MAX_TOKENS = 256         # a text's tokens before corruption (longer ones are cut)
-SOURCE_LEN = 256         # padded input length  (kept tokens + one sentinel per span + EOS)
+MAX_TOKENS = 128         # a row's tokens before corruption (texts concatenated, the last one cut)
+SOURCE_LEN = 128         # padded input length  (kept tokens + one sentinel per span + EOS)
 TARGET_LEN = 64          # padded target length (noise tokens + one sentinel per span + EOS)
-BATCH = 32
+BATCH = 64
+NOISE_DENSITY = 0.10     # T5's random spans (mean length 3) ...
+SALIENT_RATE = 0.5       # ... plus each entity token with this chance, where another copy stays visible
 ARCH = dict(d_model=128, d_kv=32, d_ff=384, num_layers=3, num_decoder_layers=2, num_heads=4,
             relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
 
@@ -90,13 +92,29 @@ def concatenated_chunks(token_lists, rng, num_chunks: int, chunk_tokens: int) ->
     return chunks
 
 
-def corrupt_batch(token_lists, rng, sentinel_top: int):
-    from fedjax_fm.data.span_corruption import span_corrupt
+def salient_ids(tokenizer) -> np.ndarray:
+    """The ids of the pieces that spell the corpus's entity words (``narratives.entity_words``),
+    without the commonest function words' pieces."""
+    from fedjax_fm.data.narratives import entity_words
+
+    ids = set()
+    for word in entity_words():
+        ids.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    common = set(tokenizer(" the a of to", add_special_tokens=False)["input_ids"])
+    return np.array(sorted(ids - common), np.int32)
+
+
+def corrupt_batch(token_lists, rng, sentinel_top: int, salient: np.ndarray):
+    """A batch of salient-span-corrupted rows (``span_corruption.salient_noise_mask``)."""
+    from fedjax_fm.data.span_corruption import salient_noise_mask, span_corrupt
 
     inputs = np.zeros((len(token_lists), SOURCE_LEN), np.int32)
     labels = np.zeros((len(token_lists), TARGET_LEN), np.int32)
     for row, tokens in enumerate(token_lists):
-        x, y = span_corrupt(tokens[:MAX_TOKENS], rng, sentinel_top=sentinel_top, max_sentinels=EXTRA_IDS)
+        tokens = tokens[:MAX_TOKENS]
+        mask = salient_noise_mask(tokens, np.isin(tokens, salient), rng, salient_rate=SALIENT_RATE,
+                                  noise_density=NOISE_DENSITY, max_spans=EXTRA_IDS)
+        x, y = span_corrupt(tokens, rng, sentinel_top=sentinel_top, max_sentinels=EXTRA_IDS, noise_mask=mask)
         x, y = x[:SOURCE_LEN], y[:TARGET_LEN]
         inputs[row, : len(x)] = x
         labels[row, : len(y)] = y
@@ -137,6 +155,7 @@ def main(argv=None) -> int:
     tokenizer_dir = out / "_tokenizer"
     tokenizer = train_sentencepiece_tokenizer(corpus, tokenizer_dir, VOCAB_SIZE, extra_ids=EXTRA_IDS, seed=args.seed)
     sentinel_top = len(tokenizer) - 1
+    salient = salient_ids(tokenizer)
     assert tokenizer.convert_ids_to_tokens(sentinel_top) == "<extra_id_0>", "sentinels must count down from the top"
     token_lists = [np.asarray(ids, np.int32) for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]]
     lengths = np.array([len(t) for t in token_lists])
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
     losses = []
     for step in range(args.steps):
         rng = np.random.default_rng([args.seed, step])
-        batch = corrupt_batch(concatenated_chunks(token_lists, rng, BATCH, MAX_TOKENS), rng, sentinel_top)
+        batch = corrupt_batch(concatenated_chunks(token_lists, rng, BATCH, MAX_TOKENS), rng, sentinel_top, salient)
         params, opt_state, loss = train_step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
         losses.append(float(loss))
         if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
@@ -178,7 +197,8 @@ def main(argv=None) -> int:
     hf_io.save_pretrained(model, params, out, tokenizer)
     (out / "LICENSE.md").write_text(LICENSE_NOTE)
     (out / "pretraining.json").write_text(json.dumps({
-        "objective": "span corruption (noise_density 0.15, mean_noise_span_length 3)",
+        "objective": (f"salient span corruption (random spans: noise_density {NOISE_DENSITY}, mean_noise_span_length 3; "
+                      f"entity tokens with a visible copy: salient_rate {SALIENT_RATE})"),
         "corpus": f"fedjax_fm.data.narratives.narrative_corpus({NUM_TEXTS}, seed={args.seed})",
         "tokenizer": {"vocab_size_asked": VOCAB_SIZE, "extra_ids": EXTRA_IDS, "ids": len(tokenizer)},
         "steps": args.steps, "batch_size": BATCH, "learning_rate": args.learning_rate,

@@ -211,6 +211,12 @@ def _chat(rng):
 KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable, "chat": _chat}
 
 
+def entity_words() -> list[str]:
+    """The words that name this corpus's entities (people, places, days, things, hours,
+    genres, numbers): what salient span masking hides (``span_corruption.salient_noise_mask``)."""
+    return [*NAMES, *PLACES, *DAYS, *ITEMS, *(t.split()[0] for t in TIMES), *GENRES, *NUMBERS]
+
+
 def narrative(rng: np.random.Generator) -> str:
     """One text drawn from ``rng``."""
     return KINDS[_pick(rng, tuple(KINDS))](rng)
@@ -222,4 +228,4 @@ def narrative_corpus(num_texts: int, *, seed: int = 0) -> list[str]:
     return [narrative(np.random.default_rng([seed, i])) for i in range(num_texts)]
 
 
-__all__ = ["KINDS", "narrative", "narrative_corpus"]
+__all__ = ["KINDS", "entity_words", "narrative", "narrative_corpus"]
