@@ -4,13 +4,14 @@ architecture) pretrained from scratch with T5's span-corruption objective on the
 project's own generated corpus (``fedjax_fm.data.narratives``).
 
 Status: work in progress towards issue 15's pretrained demo; none is shipped yet and the
-demo still trains the tiny model from scratch. Measured so far (docs/benchmarks.md,
-"Towards a pretrained demo base"): a 600-step d128 2+2 base fine-tuned to ROUGE-L 23.1, and
-the 400-step snapshot of the current settings (d128, 3+2 layers, 256-token rows of
-concatenated texts) to 30.1; in both the fine-tuned model ignores the dialogue (its loss
-is the same with another example's dialogue), because the base itself barely uses its
-context yet (span-corruption loss 3.20 with the right inputs, 3.32 with shuffled ones). A
-base worth shipping needs several thousand steps: ~4 s a step on the busy 2-core VM.
+demo still trains the tiny model from scratch. The objective is *salient* span corruption
+(T5's random spans at density 0.10 plus entity tokens hidden where a copy stays visible,
+``span_corruption.salient_noise_mask``), because with random spans alone a base this small
+barely uses its context. Measured (docs/benchmarks.md, "Towards a pretrained demo base"):
+such a base copies entities (held-out loss on hidden entities 1.92 with the right inputs,
+3.44 with another row's, at step 1000), but a LoRA fine-tune does not carry that over to
+summaries yet (ROUGE-L 29-36 after the demo's 20 rounds), while full fine-tuning does;
+LoRA improves with longer pretraining. ~0.8 s a step on the quiet 2-core VM.
 
     nice -n 10 python scripts/pretrain_demo_base.py --out /tmp/demo_base
     python scripts/pretrain_demo_base.py --out /tmp/base --steps 20   # a quick look
@@ -19,8 +20,9 @@ base worth shipping needs several thousand steps: ~4 s a step on the busy 2-core
 Steps: (1) the corpus, ``narrative_corpus(NUM_TEXTS, seed)``; (2) a SentencePiece unigram
 tokenizer trained on it (``train_sentencepiece_tokenizer``, one thread, fixed seed), with
 ``EXTRA_IDS`` sentinels; (3) the model initialised from ``PRNGKey(seed)``; (4) ``--steps``
-AdamW steps on batches of span-corrupted texts (noise density 0.15, mean span 3;
-``fedjax_fm.data.span_corruption``) on rows of ``MAX_TOKENS`` tokens, each the
+AdamW steps on batches of salient-span-corrupted texts (random spans of mean length 3 at
+``NOISE_DENSITY``, entity tokens at ``SALIENT_RATE``; ``fedjax_fm.data.span_corruption``)
+on rows of ``MAX_TOKENS`` tokens, each the
 concatenation of texts drawn at random (as T5 concatenates C4's documents: no padding),
 the batch of step ``s`` drawn from ``default_rng([seed, s])``; (5) ``save_pretrained`` + ``SHA256SUMS`` + ``LICENSE.md``.
 
