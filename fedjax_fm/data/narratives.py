@@ -187,11 +187,15 @@ PLAN_LINES = (
 )
 
 
+def _plan_slots(rng) -> dict[str, str]:
+    """The place, day, time, ... a chat's plan may mention (each drawn, in this order)."""
+    return dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
+                event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS), task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+
+
 def _chat(rng):
     a, b, c = _cast(rng, 3)
-    slots = dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
-                 event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS),
-                 task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+    slots = _plan_slots(rng)
     return _chat_lines(rng, a, b, c, slots, _pick(rng, PLAN_LINES))
 
 
@@ -236,8 +240,7 @@ RECAP_OPENERS = ("Later {writer} noted:", "{writer}'s notes:", "In {writer}'s di
 def _chat_note(rng):
     """A chat (:func:`_chat`) and a line someone wrote about its plan afterwards."""
     a, b, c = _cast(rng, 3)
-    slots = dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
-                 event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS), task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+    slots = _plan_slots(rng)
     k = int(rng.integers(len(PLAN_LINES)))
     # short chats (0-3 exchanges of chit-chat), so that the note still fits in a pretraining row
     chat = _chat_lines(rng, a, b, c, slots, PLAN_LINES[k], max_exchanges=3)
