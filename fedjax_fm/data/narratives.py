@@ -1,8 +1,9 @@
 """A seeded generator of short everyday texts: the corpus the demo's base model is pretrained on.
 
 Each text is a few sentences of one of several kinds (a diary entry, a message
-thread, a note on a fridge, a short story, a weekly timetable), in which a small
-cast of people, places, days and times is introduced and then *mentioned again*::
+thread, a note on a fridge, a short story, a weekly timetable, a chat, a short chat
+followed by a line someone wrote about its plan), in which a small cast of people,
+places, days and times is introduced and then *mentioned again*::
 
     On Thursday Hugo took the bus to the museum. He met Kofi there at 3 pm.
     Kofi had brought a camera, and Hugo borrowed it for the afternoon.
@@ -11,8 +12,10 @@ cast of people, places, days and times is introduced and then *mentioned again*:
 So a model pretrained on it (with span corruption, ``fedjax_fm.data.span_corruption``)
 learns ordinary English about plans and errands and, because a masked name, place
 or day can usually be recovered from elsewhere in the same text, to copy entities
-from its context. It holds no dialogue -> summary pairs: the summarisation task of
-the demo (``fedjax_fm.data.synthetic``) is learned only in fine-tuning. Its word
+from its context. It holds none of the demo's dialogue -> summary pairs: the
+``chat_note`` kind retells a chat's plan in one line, but with its own chat phrasings
+(``PLAN_LINES``) and its own wordings of the plan (``RECAPS``), never the demo's
+(``fedjax_fm.data.synthetic``), whose templates are learned only in fine-tuning. Its word
 lists are its own (a superset of the demo's entities, so that the tokenizer trained
 on it spells them), written for this project and released with it under Apache-2.0.
 """
