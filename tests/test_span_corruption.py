@@ -140,3 +140,19 @@ def test_span_corrupt_takes_a_given_mask_and_reassembles_the_text():
     np.testing.assert_array_equal(rebuilt, tokens)
     with pytest.raises(ValueError, match="keep the first token"):
         span_corrupt(tokens, state, sentinel_top=TOP, noise_mask=np.ones(len(tokens), bool))
+
+
+def test_chat_notes_retell_their_chat_without_the_demos_summary_wording():
+    from fedjax_fm.data import narratives
+
+    demo_wording = (" will meet ", " will pick ", " will lend ", " will be ", " can't come to ", " will come to ",
+                    " booked a table for ", " has to ", " will buy ", " will watch ", " will bring ")
+    notes = [narratives.KINDS["chat_note"](np.random.default_rng([5, i])) for i in range(200)]
+    for text in notes:
+        *chat, note = text.split("\n")
+        assert all(": " in line for line in chat) and len(chat) >= 4
+        said = " ".join(chat)
+        retold = note.split(": ", 1)[1]  # after the opener ("In Ethan's diary: ...")
+        named = [w.strip(".,") for w in retold.split() if w.strip(".,") in NAMES]
+        assert named and all(name in said for name in named), text  # people come from the chat
+        assert not any(phrase in note for phrase in demo_wording), note
