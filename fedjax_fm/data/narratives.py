@@ -234,7 +234,7 @@ RECAPS = (
     "{b} is getting {item} for {a}",
     "on {day} at {time} {a} and {b} see a {genre} film at the {place}",
     "{a} must {task} before {day}",
-    "{b} still has to {task}, on {day}",
+    "{b} still needs to {task}, on {day}",
     "{b} is collecting {a} from the {place} on {day} at {time}",
 )
 RECAP_OPENERS = ("Later {writer} noted:", "{writer}'s notes:", "In {writer}'s diary:", "Reminder for {writer}:")
