@@ -17,31 +17,25 @@ from fedjax_fm.config import load_config
 from fedjax_fm.training.experiment import run_experiment
 
 from test_distributed import free_port, two_process_env
+from test_experiment_run import TINY_YAML
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # only stops a real hang
 
-TINY_YAML = """\
-base: {default}
-seed: 0
-model: {{vocab_size: 256}}
-lora: {{rank: 4, alpha: 8.0, target_modules: [q, v]}}
-data:
-  source: {{num_train: 96, num_eval: 8}}
-  max_input_length: 64
-  max_target_length: 16
-  packing: {{input_length: 128, target_length: 24}}
-federated: {{rounds: 4, num_clients: 6, clients_per_round: 3, local_steps: 2, batch_size: 4, backend: sharded}}
-eval: {{every: 2, max_examples: 8, batch_size: 8, max_new_tokens: 8}}
-checkpoint: {{every: 2, keep: 2}}
-output: {{export: false, plots: false}}
+# test_experiment_run's tiny run, with 3 of 6 clients a round on the sharded backend
+SHARDED_YAML = """\
+base: run.yaml
+federated: {num_clients: 6, clients_per_round: 3, backend: sharded}
+output: {export: false, plots: false}
 """
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY_YAML.format(default=REPO / "configs" / "default.yaml"))
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "run.yaml").write_text(TINY_YAML.format(default=REPO / "configs" / "default.yaml"))
+    path = folder / "tiny.yaml"
+    path.write_text(SHARDED_YAML)
     return path
 
 
