@@ -124,8 +124,8 @@ def _encode(tokenizer, texts: list[str], chunk_size: int) -> list[list[int]]:
     return ids
 
 
-def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Pad/truncate to ``[N, length]`` keeping a final EOS; returns (ids, lengths, n_truncated, raw lengths)."""
+def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad/truncate to ``[N, length]`` keeping a final EOS; returns (ids, lengths, raw lengths)."""
     # Make every sequence end with EOS (the labels contract; tokenizers without special tokens skip it).
     sequences = [s if s and s[-1] == EOS_ID else [*s, EOS_ID] for s in sequences]
     raw_lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
@@ -136,7 +136,7 @@ def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, 
     out[np.arange(length)[None, :] < lengths[:, None]] = np.fromiter(
         itertools.chain.from_iterable(cut), dtype=np.int32, count=int(lengths.sum())
     )
-    return out, lengths, int((raw_lengths > length).sum()), raw_lengths
+    return out, lengths, raw_lengths
 
 
 def truncation_report(raw_input_lengths: np.ndarray, raw_target_lengths: np.ndarray, max_input_length: int,
@@ -163,8 +163,8 @@ def _tokenize(examples: TextExamples, tokenizer, *, prompt_template: str, max_in
         raise DataError(f"max lengths must be >= 2 (got {max_input_length}, {max_target_length})")
     _check_special_ids(tokenizer)
     prompts = format_prompts(prompt_template, examples.inputs)
-    input_ids, input_lengths, _, raw_in = _pad_truncate(_encode(tokenizer, prompts, chunk_size), max_input_length)
-    labels, label_lengths, _, raw_out = _pad_truncate(
+    input_ids, input_lengths, raw_in = _pad_truncate(_encode(tokenizer, prompts, chunk_size), max_input_length)
+    labels, label_lengths, raw_out = _pad_truncate(
         _encode(tokenizer, list(examples.targets), chunk_size), max_target_length
     )
     return TokenizedExamples(input_ids, input_lengths, labels, label_lengths), raw_in, raw_out
