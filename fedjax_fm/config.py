@@ -365,6 +365,36 @@ class DeploySection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """One run in several processes on ``jax.distributed`` (``docs/distributed.md``).
+
+    Every process runs ``fedjax-fm run`` with the same config except ``process_id``
+    (``--set distributed.process_id=K``). Keys left null are found by JAX's own
+    cluster detection (SLURM, Open MPI, ...); ``distributed: auto`` is all of them
+    null. ``initialization_timeout_s``: how long ``jax.distributed.initialize`` waits
+    for all ``num_processes`` to join; ``heartbeat_timeout_s``: after how long
+    without a heartbeat the coordinator declares a process dead and stops the run.
+    """
+
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    initialization_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
+
+    def __post_init__(self) -> None:
+        for key in ("initialization_timeout_s", "heartbeat_timeout_s"):
+            _positive(f"distributed.{key}", getattr(self, key))
+        if self.num_processes is not None:
+            _positive("distributed.num_processes", self.num_processes)
+        if self.process_id is not None:
+            _not_negative("distributed.process_id", self.process_id)
+            if self.num_processes is not None and self.process_id >= self.num_processes:
+                raise ConfigError(f"distributed.process_id ({self.process_id}) must be below "
+                                  f"distributed.num_processes ({self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. ``lora: null`` is full fine-tuning.
 
@@ -385,6 +415,8 @@ class ExperimentConfig:
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
     cost: CostSection = dataclasses.field(default_factory=CostSection)
     deploy: DeploySection = dataclasses.field(default_factory=DeploySection)
+    # null: one process (the default); ``auto`` or a mapping: several, see DistributedSection.
+    distributed: Optional[Union[Literal["auto"], DistributedSection]] = None
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)
@@ -460,6 +492,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arg, value, key)
             except ConfigError as error:
                 errors.append(error)
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise  # a mapping meant for this section: its own message says what is wrong
         if len(errors) == 1:
             raise errors[0]
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")

@@ -43,10 +43,20 @@ rows, give less: the quadratic attention of longer rows and emptier target slots
 Rows per step only set memory on this CPU (the matmuls are as fast at 6 x 512 rows as
 at 8 x 512): 6 rows keep the peak below PyTorch's.
 
+**Ceiling rows.** ``fedjax_fm packed - attn core`` (run only when named in ``--rows``)
+trains the same packed batches with the attention core -- scores, softmax, weighted
+sum -- replaced by one elementwise product that keeps q, k and v live: not a model, a
+lower bound on the step time of any attention scheme. With it and the packed row in
+the same run, the bench prints how much of the step the attention core takes and what
+*exact* block-diagonal attention (each example attending only within itself: the
+examples' own attention FLOPs, ``ExampleFlops.attention``) could give, at today's
+attention speed and at the dense layers' speed (the ceiling).
+
 Usage::
 
     python scripts/bench_real_lengths.py              # 3 clients x 4 steps (batch 8; packed: 6 rows)
     python scripts/bench_real_lengths.py --quick      # a smoke test of a few minutes
+    python scripts/bench_real_lengths.py --rows "fedjax_fm packed,fedjax_fm packed - attn core,torch grouped"
 """
 
 from __future__ import annotations
@@ -113,13 +123,33 @@ def _client_streams(args) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- JAX
 
 
-def _worker_jax(args, packed: bool) -> dict:
+def _no_attention_core(query, key, value, bias, mask, dropout_seed=None, dropout_rate=0.0):
+    """A stand-in for ``layers.attention_weights_and_output`` that costs almost nothing.
+
+    Keeps q, k and v (and their LoRA adapters) live in the forward and backward pass with
+    one elementwise product, but computes no scores, softmax or weighted sum. A step with
+    it is a lower bound on the time of ANY exact attention scheme (block-diagonal or
+    otherwise), so the ``no attention core`` row's real tokens/s bounds what attention
+    work could give. It computes a different function: its loss means nothing.
+    """
+    del bias, mask, dropout_seed, dropout_rate
+    q_len = query.shape[1]
+    assert key.shape[1] >= q_len, "the stand-in slices keys to the query length"
+    return value[:, :q_len] + query * key[:, :q_len]
+
+
+def _worker_jax(args, packed: bool, no_attention_core: bool = False) -> dict:
     import jax
     import optax
 
+    if no_attention_core:
+        from fedjax_fm.models import layers
+
+        layers.attention_weights_and_output = _no_attention_core  # looked up at trace time
+
     from fedjax_fm import fl
     from fedjax_fm.data import batching
-    from fedjax_fm.data.packing import PackingSpec, pack_round, padding_efficiency
+    from fedjax_fm.data.packing import PackingSpec, example_lengths, pack_round
     from fedjax_fm.fl.t5_task import t5_loss_fn
     from fedjax_fm.models import lora as lora_lib
     from fedjax_fm.models.config import LoraConfig, preset
@@ -156,7 +186,7 @@ def _worker_jax(args, packed: bool) -> dict:
     compile_s = time.perf_counter() - t0
     seconds, real, slots, examples = 0.0, 0.0, 0.0, 0.0
     example_flops = ExampleFlops(config, lora)
-    flops, executed = 0.0, 0.0
+    flops, executed, useful_attention, executed_attention = 0.0, 0.0, 0.0, 0.0
     for c, batch in enumerate(rounds):
         t0 = time.perf_counter()
         delta, n, metrics = update(trainable, frozen, batch, jax.random.PRNGKey(10 + c))
@@ -166,10 +196,14 @@ def _worker_jax(args, packed: bool) -> dict:
         examples += float(n)
         slots += batch["attention_mask"].size + batch["decoder_attention_mask"].size
         flops += useful_train_flops(example_flops, batch)
+        useful_attention += example_flops.attention(*example_lengths(batch))
         steps, rows, source_len = batch["input_ids"].shape
-        executed += steps * train_step_flops(config, rows, source_len, batch["labels"].shape[-1], lora=lora).total
+        step_flops = train_step_flops(config, rows, source_len, batch["labels"].shape[-1], lora=lora)
+        executed += steps * step_flops.total
+        executed_attention += steps * step_flops.attention
     return dict(framework="jax", packed=packed, seconds=seconds, real_tokens=real, examples=examples,
                 padding_efficiency=real / slots, useful_flops=flops, executed_flops=executed, compile_s=compile_s,
+                useful_attention_flops=useful_attention, executed_attention_flops=executed_attention,
                 baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), version=f"jax {jax.__version__}",
                 loss=float(metrics["loss"]))
 
@@ -257,6 +291,12 @@ ROWS = {
     "torch dynamic": ("torch", "dynamic"),
     "torch grouped": ("torch", "grouped"),
 }
+# Diagnostic rows, run only when named in --rows (see "Ceiling rows" in the module docstring).
+CEILING_ROWS = {
+    "fedjax_fm packed - attn core": ("jax", "packed-no-attention-core"),
+}
+DEFAULT_ROWS = tuple(ROWS)
+ROWS = {**ROWS, **CEILING_ROWS}
 
 
 def _run_worker(kind: str, variant: str, argv: list[str]) -> dict:
@@ -265,6 +305,35 @@ def _run_worker(kind: str, variant: str, argv: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{kind}:{variant} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _print_attention_ceiling(packed: dict, no_core: dict, reference: dict, reference_name: str) -> None:
+    """What any exact attention could give the packed row (module docstring, "Ceiling rows").
+
+    Both rows ran the same batches, so the attention core's time is the difference
+    ``t_core = t_packed - t_no_core``, and the rest of the step runs its FLOPs
+    ``F_rest = F_executed - F_attention`` at ``R_rest = F_rest / t_no_core``. An exact
+    scheme must still do the examples' own attention, ``F_useful_attention`` (each example
+    alone: block-diagonal over segments), so its time is at least
+
+        t_ideal = t_no_core + F_useful_attention / R
+
+    with ``R`` either today's attention speed (``F_attention / t_core``) or, as the
+    ceiling, the rest of the step's speed (dense matmuls, the fastest this machine ran).
+    """
+    t_core = packed["seconds"] - no_core["seconds"]
+    f_att, f_useful_att = packed["executed_attention_flops"], packed["useful_attention_flops"]
+    rate_att = f_att / t_core if t_core > 0 else float("inf")
+    rate_rest = (packed["executed_flops"] - f_att) / no_core["seconds"]
+    print(f"attention core: {t_core / packed['seconds']:.0%} of the packed row's time for "
+          f"{f_att / packed['executed_flops']:.0%} of its executed FLOPs ({rate_att / 1e9:.0f} GFLOP/s against "
+          f"{rate_rest / 1e9:.0f} for the rest); the examples' own attention is {f_useful_att / f_att:.0%} of it")
+    for label, rate in (("at today's attention speed", rate_att), ("at the dense layers' speed", rate_rest)):
+        seconds = no_core["seconds"] + f_useful_att / rate
+        tps = packed["real_tokens"] / seconds
+        print(f"exact block-diagonal attention {label}: {tps:.0f} real tokens/s, "
+              f"{tps / reference['tps']:.2f}x {reference_name}")
+    print(f"no attention core at all (not a model): {no_core['tps'] / reference['tps']:.2f}x {reference_name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--pool", type=int, default=3000, help="examples to draw (split over the clients)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help=f"comma-separated rows to run, of: {', '.join(ROWS)}")
     parser.add_argument("--quick", action="store_true", help="1 client x 1 step, batch 2: a smoke test")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -293,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     args.pack_tgt = max(args.pack_tgt, args.tgt_len)
     if args._worker:
         kind, variant = args._worker.split(":")
-        result = _worker_jax(args, variant == "packed") if kind == "jax" else _worker_torch(args, variant == "grouped")
+        if kind == "jax":
+            result = _worker_jax(args, variant.startswith("packed"), no_attention_core=variant.endswith("no-attention-core"))
+        else:
+            result = _worker_torch(args, variant == "grouped")
         print(json.dumps(result))
         return 0
 
@@ -342,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"= {r['tokens_per_flop'] / b['tokens_per_flop']:.2f}x real tokens per executed FLOP "
                   f"x {r['exec_rate'] / b['exec_rate']:.2f}x executed FLOP/s; "
                   f"{r['mem'] / b['mem']:.2f}x peak memory")
+    if torch_rows and "fedjax_fm packed" in results and "fedjax_fm packed - attn core" in results:
+        _print_attention_ceiling(results["fedjax_fm packed"], results["fedjax_fm packed - attn core"], b, best)
     if "fedjax_fm packed" in results and "fedjax_fm unpacked" in results:
         print(f"ratio packed / unpacked: {results['fedjax_fm packed']['tps'] / results['fedjax_fm unpacked']['tps']:.2f}x")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

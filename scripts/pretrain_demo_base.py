@@ -4,13 +4,14 @@ architecture) pretrained from scratch with T5's span-corruption objective on the
 project's own generated corpus (``fedjax_fm.data.narratives``).
 
 Status: work in progress towards issue 15's pretrained demo; none is shipped yet and the
-demo still trains the tiny model from scratch. Measured so far (docs/benchmarks.md,
-"Towards a pretrained demo base"): a 600-step d128 2+2 base fine-tuned to ROUGE-L 23.1, and
-the 400-step snapshot of the current settings (d128, 3+2 layers, 256-token rows of
-concatenated texts) to 30.1; in both the fine-tuned model ignores the dialogue (its loss
-is the same with another example's dialogue), because the base itself barely uses its
-context yet (span-corruption loss 3.20 with the right inputs, 3.32 with shuffled ones). A
-base worth shipping needs several thousand steps: ~4 s a step on the busy 2-core VM.
+demo still trains the tiny model from scratch. The objective is *salient* span corruption
+(T5's random spans at density 0.10 plus entity tokens hidden where a copy stays visible,
+``span_corruption.salient_noise_mask``), because with random spans alone a base this small
+barely uses its context. Measured (docs/benchmarks.md, "Towards a pretrained demo base"):
+such a base copies entities (held-out loss on hidden entities 1.92 with the right inputs,
+3.44 with another row's, at step 1000), but a LoRA fine-tune does not carry that over to
+summaries yet (ROUGE-L 29-36 after the demo's 20 rounds), while full fine-tuning does;
+LoRA improves with longer pretraining. ~0.8 s a step on the quiet 2-core VM.
 
     nice -n 10 python scripts/pretrain_demo_base.py --out /tmp/demo_base
     python scripts/pretrain_demo_base.py --out /tmp/base --steps 20   # a quick look
@@ -19,8 +20,9 @@ base worth shipping needs several thousand steps: ~4 s a step on the busy 2-core
 Steps: (1) the corpus, ``narrative_corpus(NUM_TEXTS, seed)``; (2) a SentencePiece unigram
 tokenizer trained on it (``train_sentencepiece_tokenizer``, one thread, fixed seed), with
 ``EXTRA_IDS`` sentinels; (3) the model initialised from ``PRNGKey(seed)``; (4) ``--steps``
-AdamW steps on batches of span-corrupted texts (noise density 0.15, mean span 3;
-``fedjax_fm.data.span_corruption``) on rows of ``MAX_TOKENS`` tokens, each the
+AdamW steps on batches of salient-span-corrupted texts (random spans of mean length 3 at
+``NOISE_DENSITY``, entity tokens at ``SALIENT_RATE``; ``fedjax_fm.data.span_corruption``)
+on rows of ``MAX_TOKENS`` tokens, each the
 concatenation of texts drawn at random (as T5 concatenates C4's documents: no padding),
 the batch of step ``s`` drawn from ``default_rng([seed, s])``; (5) ``save_pretrained`` + ``SHA256SUMS`` + ``LICENSE.md``.
 
@@ -46,10 +48,12 @@ import numpy as np
 NUM_TEXTS = 20000
 VOCAB_SIZE = 2048        # asked of SentencePiece; the corpus yields fewer pieces (hard_vocab_limit off)
 EXTRA_IDS = 32
-MAX_TOKENS = 256         # a text's tokens before corruption (longer ones are cut)
-SOURCE_LEN = 256         # padded input length  (kept tokens + one sentinel per span + EOS)
+MAX_TOKENS = 128         # a row's tokens before corruption (texts concatenated, the last one cut)
+SOURCE_LEN = 128         # padded input length  (kept tokens + one sentinel per span + EOS)
 TARGET_LEN = 64          # padded target length (noise tokens + one sentinel per span + EOS)
-BATCH = 32
+BATCH = 64
+NOISE_DENSITY = 0.10     # T5's random spans (mean length 3) ...
+SALIENT_RATE = 0.5       # ... plus each entity token with this chance, where another copy stays visible
 ARCH = dict(d_model=128, d_kv=32, d_ff=384, num_layers=3, num_decoder_layers=2, num_heads=4,
             relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
 
@@ -90,13 +94,29 @@ def concatenated_chunks(token_lists, rng, num_chunks: int, chunk_tokens: int) ->
     return chunks
 
 
-def corrupt_batch(token_lists, rng, sentinel_top: int):
-    from fedjax_fm.data.span_corruption import span_corrupt
+def salient_ids(tokenizer) -> np.ndarray:
+    """The ids of the pieces that spell the corpus's entity words (``narratives.entity_words``),
+    without the commonest function words' pieces."""
+    from fedjax_fm.data.narratives import entity_words
+
+    ids = set()
+    for word in entity_words():
+        ids.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    common = set(tokenizer(" the a of to", add_special_tokens=False)["input_ids"])
+    return np.array(sorted(ids - common), np.int32)
+
+
+def corrupt_batch(token_lists, rng, sentinel_top: int, salient: np.ndarray):
+    """A batch of salient-span-corrupted rows (``span_corruption.salient_noise_mask``)."""
+    from fedjax_fm.data.span_corruption import salient_noise_mask, span_corrupt
 
     inputs = np.zeros((len(token_lists), SOURCE_LEN), np.int32)
     labels = np.zeros((len(token_lists), TARGET_LEN), np.int32)
     for row, tokens in enumerate(token_lists):
-        x, y = span_corrupt(tokens[:MAX_TOKENS], rng, sentinel_top=sentinel_top, max_sentinels=EXTRA_IDS)
+        tokens = tokens[:MAX_TOKENS]
+        mask = salient_noise_mask(tokens, np.isin(tokens, salient), rng, salient_rate=SALIENT_RATE,
+                                  noise_density=NOISE_DENSITY, max_spans=EXTRA_IDS)
+        x, y = span_corrupt(tokens, rng, sentinel_top=sentinel_top, max_sentinels=EXTRA_IDS, noise_mask=mask)
         x, y = x[:SOURCE_LEN], y[:TARGET_LEN]
         inputs[row, : len(x)] = x
         labels[row, : len(y)] = y
@@ -137,6 +157,7 @@ def main(argv=None) -> int:
     tokenizer_dir = out / "_tokenizer"
     tokenizer = train_sentencepiece_tokenizer(corpus, tokenizer_dir, VOCAB_SIZE, extra_ids=EXTRA_IDS, seed=args.seed)
     sentinel_top = len(tokenizer) - 1
+    salient = salient_ids(tokenizer)
     assert tokenizer.convert_ids_to_tokens(sentinel_top) == "<extra_id_0>", "sentinels must count down from the top"
     token_lists = [np.asarray(ids, np.int32) for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]]
     lengths = np.array([len(t) for t in token_lists])
@@ -164,7 +185,7 @@ def main(argv=None) -> int:
     losses = []
     for step in range(args.steps):
         rng = np.random.default_rng([args.seed, step])
-        batch = corrupt_batch(concatenated_chunks(token_lists, rng, BATCH, MAX_TOKENS), rng, sentinel_top)
+        batch = corrupt_batch(concatenated_chunks(token_lists, rng, BATCH, MAX_TOKENS), rng, sentinel_top, salient)
         params, opt_state, loss = train_step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
         losses.append(float(loss))
         if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
@@ -178,7 +199,8 @@ def main(argv=None) -> int:
     hf_io.save_pretrained(model, params, out, tokenizer)
     (out / "LICENSE.md").write_text(LICENSE_NOTE)
     (out / "pretraining.json").write_text(json.dumps({
-        "objective": "span corruption (noise_density 0.15, mean_noise_span_length 3)",
+        "objective": (f"salient span corruption (random spans: noise_density {NOISE_DENSITY}, mean_noise_span_length 3; "
+                      f"entity tokens with a visible copy: salient_rate {SALIENT_RATE})"),
         "corpus": f"fedjax_fm.data.narratives.narrative_corpus({NUM_TEXTS}, seed={args.seed})",
         "tokenizer": {"vocab_size_asked": VOCAB_SIZE, "extra_ids": EXTRA_IDS, "ids": len(tokenizer)},
         "steps": args.steps, "batch_size": BATCH, "learning_rate": args.learning_rate,

@@ -9,6 +9,7 @@ from flax import traverse_util
 
 from fedjax_fm.models.config import LoraConfig, T5Config, preset
 from fedjax_fm.models.flops import (
+    ExampleFlops,
     decode_step_flops,
     encode_flops,
     forward_flops,
@@ -91,6 +92,20 @@ def test_forward_encode_and_decode_step_match_xla(params):
     assert decode_step_flops(CONFIG, B, S, keys=cache_len) == pytest.approx(measured, rel=0.10)
 
 
+def test_example_flops_attention_is_the_attention_core_of_each_example():
+    c = preset("flan-t5-small")
+    lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, target_modules=("q", "v"))
+    counts = ExampleFlops(c, lora)
+    lengths = ([100, 30, 0], [20, 7, 0])  # the third is an empty slot: not counted
+    assert counts(*lengths) == sum(train_step_flops(c, 1, s, t, lora=lora).total for s, t in [(100, 20), (30, 7)])
+    alone = [train_step_flops(c, 1, s, t, lora=lora).attention for s, t in [(100, 20), (30, 7)]]
+    assert counts.attention(*lengths) == sum(alone) > 0
+    # Packed into one row of 130 / 27, the dense part is the same but attention costs more.
+    row = train_step_flops(c, 1, 130, 27, lora=lora)
+    assert row.attention > counts.attention(*lengths)
+    assert row.total - row.attention == counts(*lengths) - counts.attention(*lengths)
+
+
 def test_known_closed_forms():
     c = preset("flan-t5-small")
     b, s, t = 4, 128, 32
@@ -102,6 +117,11 @@ def test_known_closed_forms():
     )
     assert forward_flops(c, b, s, t) == encoder + decoder + 2 * b * t * d * v
     assert train_step_flops(c, b, s, t).total == 3 * (encoder + decoder + 2 * b * t * d * v)
+    # The attention core: scores and weighted sums (4 b q k i each attention), x3 in full training.
+    core = c.num_layers * 4 * b * s * s * i + c.num_decoder_layers * (4 * b * t * t * i + 4 * b * t * s * i)
+    assert train_step_flops(c, b, s, t).attention == 3 * core
+    assert forward_flops(c, b, s, t) - core == (
+        train_step_flops(c, b, s, t).total - train_step_flops(c, b, s, t).attention) // 3
     causal = generation_flops(c, b, s, 16)
     assert generation_flops(c, b, s, 16, attend_full_cache=True) > causal > encode_flops(c, b, s)
     # Beam search: the encoder once per row, everything else on num_beams times the rows.

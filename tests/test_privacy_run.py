@@ -237,9 +237,11 @@ def test_report_shows_epsilon_and_per_client_spread(dp_run, tmp_path):
     assert (tmp_path / "report" / "dp_epsilon.png").is_file()
 
 
-def test_deploy_refuses_dp_rather_than_running_without_it(tiny_config):
+def test_deploy_refuses_dp_without_secure_aggregation(tiny_config):
+    """DP in a deployment needs SecAgg+ (devices clip inside it, the server noises the sum):
+    without it the server would see each device's update, so the config is refused."""
     from fedjax_fm.deploy.assemble import check_deployable
 
     cfg = load_config(tiny_config, ["model.tokenizer=byt5", "federated.dp.noise_multiplier=1.0"])
-    with pytest.raises(ConfigError, match="federated.dp is not supported by `fedjax-fm deploy`"):
+    with pytest.raises(ConfigError, match="federated.dp needs deploy.secure_aggregation.enabled: true"):
         check_deployable(cfg)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm.data.narratives import NAMES, narrative_corpus
-from fedjax_fm.data.span_corruption import random_spans_noise_mask, span_corrupt
+from fedjax_fm.data.span_corruption import num_spans, random_spans_noise_mask, salient_noise_mask, span_corrupt
 
 TOP = 999  # id of <extra_id_0>
 
@@ -81,3 +81,78 @@ def test_narrative_corpus_is_seeded_extends_and_repeats_entities():
     repeats = sum(any(text.count(name) >= 2 for name in NAMES) for text in large)
     assert repeats >= 30
     assert not any("summar" in text.lower() for text in large)   # no summaries: not the demo's task
+
+
+def _salient_case(seed):
+    """Ids 10..29 as 'words', 30..35 as entities; each entity appears 1-3 times."""
+    rng = np.random.default_rng([seed, 1])
+    tokens = rng.integers(10, 30, size=60).astype(np.int32)
+    for entity, copies in zip(range(30, 36), (1, 2, 3, 2, 1, 3)):
+        tokens[rng.choice(np.arange(1, 60), size=copies, replace=False)] = entity
+    return tokens, tokens >= 30
+
+
+def test_salient_mask_hides_only_entities_that_stay_visible_elsewhere():
+    for seed in range(30):
+        tokens, salient = _salient_case(seed)
+        mask = salient_noise_mask(tokens, salient, np.random.default_rng(seed), salient_rate=1.0, noise_density=0.1)
+        base = random_spans_noise_mask(len(tokens), np.random.default_rng(seed), noise_density=0.1)
+        assert not mask[0] and (mask >= base).all()          # the random spans, plus ...
+        extra = np.flatnonzero(mask & ~base)
+        assert salient[extra].all()                          # ... entities only,
+        for p in extra:                                      # each with a copy left to look up
+            assert (~mask & (tokens == tokens[p])).any()
+        for entity in range(30, 36):                         # rate 1: all but the copy someone must see
+            where = tokens == entity
+            if where.sum() >= 2 and not (base & where).any():
+                assert (~mask & where).sum() == 1
+            if where.sum() == 1:
+                assert not (mask & ~base & where).any()      # a lone entity is never hidden by this rule
+
+
+def test_salient_mask_rate_zero_and_too_many_spans_give_the_random_spans():
+    tokens, salient = _salient_case(0)
+    base = random_spans_noise_mask(len(tokens), np.random.default_rng(3), noise_density=0.1)
+    np.testing.assert_array_equal(
+        salient_noise_mask(tokens, salient, np.random.default_rng(3), salient_rate=0.0, noise_density=0.1), base)
+    np.testing.assert_array_equal(
+        salient_noise_mask(tokens, salient, np.random.default_rng(3), salient_rate=1.0, noise_density=0.1,
+                           max_spans=num_spans(base)), base)
+
+
+def test_span_corrupt_takes_a_given_mask_and_reassembles_the_text():
+    tokens, salient = _salient_case(1)
+    mask = salient_noise_mask(tokens, salient, np.random.default_rng(1), salient_rate=1.0)
+    state = np.random.default_rng(7)
+    inputs, targets = span_corrupt(tokens, state, sentinel_top=TOP, noise_mask=mask)
+    assert state.random() == np.random.default_rng(7).random()  # a given mask draws nothing
+    assert (inputs[:-1] >= TOP - num_spans(mask)).sum() == num_spans(mask)
+    rebuilt, noise = [], {}
+    current = None
+    for t in targets[:-1]:
+        if t > TOP - 32:
+            current = TOP - t
+            noise[current] = []
+        else:
+            noise[current].append(t)
+    for t in inputs[:-1]:
+        rebuilt.extend(noise[TOP - t] if t > TOP - 32 else [t])
+    np.testing.assert_array_equal(rebuilt, tokens)
+    with pytest.raises(ValueError, match="keep the first token"):
+        span_corrupt(tokens, state, sentinel_top=TOP, noise_mask=np.ones(len(tokens), bool))
+
+
+def test_chat_notes_retell_their_chat_without_the_demos_summary_wording():
+    from fedjax_fm.data import narratives
+
+    demo_wording = (" will meet ", " will pick ", " will lend ", " will be ", " can't come to ", " will come to ",
+                    " booked a table for ", " has to ", " will buy ", " will watch ", " will bring ")
+    notes = [narratives.KINDS["chat_note"](np.random.default_rng([5, i])) for i in range(200)]
+    for text in notes:
+        *chat, note = text.split("\n")
+        assert all(": " in line for line in chat) and len(chat) >= 4
+        said = " ".join(chat)
+        retold = note.split(": ", 1)[1]  # after the opener ("In Ethan's diary: ...")
+        named = [w.strip(".,") for w in retold.split() if w.strip(".,") in NAMES]
+        assert named and all(name in said for name in named), text  # people come from the chat
+        assert not any(phrase in note for phrase in demo_wording), note

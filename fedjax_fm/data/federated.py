@@ -23,7 +23,7 @@ from fedjax_fm.data.local_files import read_client_folder, read_examples
 from fedjax_fm.data.packing import PACKED_KEYS, PackingSpec, pack_round
 from fedjax_fm.data.records import DataError, TextExamples
 from fedjax_fm.data.synthetic import synthetic_examples
-from fedjax_fm.data.tokenize import DEFAULT_PROMPT, TokenizedExamples, TruncationReport, cached_tokenize
+from fedjax_fm.data.tokenize import DEFAULT_PROMPT, OnDemandTokens, TokenizedExamples, TruncationReport, cached_tokenize
 
 SourceKind = Literal["synthetic", "tfds", "samsum_json", "file", "client_folder"]
 PartitionMethod = Literal["iid", "dirichlet_quantity", "dirichlet_group", "natural"]
@@ -287,6 +287,11 @@ class FederatedData:
 
     Clients are addressed by position ``0 .. num_clients-1`` (the integer that seeds their
     shuffling) or by id string.
+
+    ``train_fill`` / ``eval_fill``: set when a split is tokenised on demand
+    (``build_federated_data(..., on_demand=True)``, a multi-process run): its token arrays
+    are then filled as clients are fed (and the eval split when it is first batched), and
+    ``truncation`` reports the examples tokenised so far.
     """
 
     client_ids: list[str]
@@ -298,8 +303,35 @@ class FederatedData:
     steps_per_round: int
     seed: int
     eval_batch_size: int
-    truncation: dict[str, TruncationReport]
+    truncation_reports: dict[str, TruncationReport]
     packing: PackingSpec | None = None
+    train_fill: OnDemandTokens | None = None
+    eval_fill: OnDemandTokens | None = None
+
+    @property
+    def truncation(self) -> dict[str, TruncationReport]:
+        """Per split, the truncation report (of the examples tokenised so far, on demand)."""
+        reports = dict(self.truncation_reports)
+        for split, fill in (("train", self.train_fill), ("eval", self.eval_fill)):
+            if fill is not None:
+                reports[split] = fill.report()
+        return reports
+
+    def ensure_examples(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Makes sure the training examples at ``indices`` are tokenised (a no-op unless on demand)."""
+        if self.train_fill is not None:
+            self.train_fill.ensure(indices)
+
+    def _ensure_clients(self, clients: Sequence[int | str]) -> None:
+        if self.train_fill is not None:
+            self.train_fill.ensure(np.concatenate(
+                [np.asarray(self.partition.client_indices[self._position(c)], np.int64) for c in clients]))
+
+    def client_tokens(self, client: int | str) -> dict[str, np.ndarray]:
+        """A client's tokenised training examples ``{"input_ids", "labels"}`` (what its lineage fingerprint covers)."""
+        self._ensure_clients([client])
+        indices = np.asarray(self.partition.client_indices[self._position(client)])
+        return {"input_ids": self.train_tokens.input_ids[indices], "labels": self.train_tokens.labels[indices]}
 
     @property
     def num_clients(self) -> int:
@@ -338,6 +370,7 @@ class FederatedData:
     def _packed(self, client: int | str, round_index: int) -> dict[str, np.ndarray]:
         """One client's packed round ``[steps, R, L]`` (``packing.pack_round``; module docs)."""
         k = self._position(client)
+        self._ensure_clients([k])
         epochs = self.local_work.epochs
         packed = pack_round(
             self.train_tokens, self.partition.client_indices[k], seed=self.seed, round_index=int(round_index),
@@ -353,6 +386,7 @@ class FederatedData:
         With packing, ``B`` counts packed rows (``docs/data.md``, "Packing")."""
         if self.packing is not None:
             return self._packed(client, round_index)
+        self._ensure_clients([client])
         indices, weights = self._slots(client, round_index)
         return batching.gather_batches(self.train_tokens, indices, weights, (self.steps_per_round, self.batch_size))
 
@@ -361,6 +395,7 @@ class FederatedData:
         if self.packing is not None:
             rounds = [self._packed(c, round_index) for c in clients]
             return {key: np.stack([r[key] for r in rounds]) for key in rounds[0]}
+        self._ensure_clients(clients)
         slots = [self._slots(c, round_index) for c in clients]
         indices = np.concatenate([s[0] for s in slots])
         weights = np.concatenate([s[1] for s in slots])
@@ -384,6 +419,8 @@ class FederatedData:
         """Fixed-shape eval batches ``[B, L]`` with ``references`` and ``ids`` (padding at weight 0);
         ``by_length``: sorted by source length and cut to a few widths (``batching.eval_batches``)."""
         n = len(self.eval_tokens) if max_examples is None else min(max_examples, len(self.eval_tokens))
+        if self.eval_fill is not None:
+            self.eval_fill.ensure(np.arange(n))
         t = self.eval_tokens
         tokens = TokenizedExamples(t.input_ids[:n], t.input_lengths[:n], t.labels[:n], t.label_lengths[:n])
         return batching.eval_batches(tokens, self.eval_examples.targets[:n], batch_size or self.eval_batch_size,
@@ -394,6 +431,8 @@ class FederatedData:
         return {
             "partition": self.partition.report(),
             "truncation": {k: v.as_dict() for k, v in self.truncation.items()},
+            "tokenised_on_demand": [split for split, fill in (("train", self.train_fill), ("eval", self.eval_fill))
+                                    if fill is not None],
             "steps_per_round": self.steps_per_round,
             "batch_size": self.batch_size,
             "num_eval_examples": len(self.eval_tokens),
@@ -409,6 +448,7 @@ def build_federated_data(
     local_work: batching.LocalWork,
     eval_batch_size: int,
     num_clients: int | None = None,
+    on_demand: bool = False,
 ) -> FederatedData:
     """Load, tokenise (once), partition and wrap a dataset for federated rounds.
 
@@ -419,6 +459,13 @@ def build_federated_data(
       local_work: batch size and local steps or epochs per round (the ``federated`` section).
       eval_batch_size: the default batch size of :meth:`FederatedData.eval_batches` (``eval.batch_size``).
       num_clients: number of clients; for natural partitions ``None`` means all of them.
+      on_demand: tokenise a training example when its client is first fed, and the eval
+        split when it is first batched (:class:`~fedjax_fm.data.tokenize.OnDemandTokens`),
+        instead of both splits up front; what each process of a multi-process run does.
+        Settings that need every example's length before the first round (the
+        ``length_bucket`` partition, packing with ``local_epochs``) and a ``cache_dir``
+        (whose file holds the whole split) tokenise the training split up front anyway;
+        :func:`on_demand_blocker` names the reason.
     """
     part = spec.partition
     needed = [c for c in (part.group_field if part.method == "dirichlet_group" else None,
@@ -426,8 +473,17 @@ def build_federated_data(
     train, evaluation = load_source(spec.source, seed=seed, partition_columns=needed)
     token_kwargs = dict(prompt_template=spec.prompt_template, max_input_length=spec.max_input_length,
                         max_target_length=spec.max_target_length)
-    train_tokens, train_report = cached_tokenize(train, tokenizer, spec.cache_dir, **token_kwargs)
-    eval_tokens, eval_report = cached_tokenize(evaluation, tokenizer, spec.cache_dir, **token_kwargs)
+    train_fill = eval_fill = None
+    if on_demand and on_demand_blocker(spec, local_work) is None:
+        train_fill = OnDemandTokens(train, tokenizer, **token_kwargs)
+        train_tokens, train_report = train_fill.tokens, train_fill.report()
+    else:
+        train_tokens, train_report = cached_tokenize(train, tokenizer, spec.cache_dir, **token_kwargs)
+    if on_demand and spec.cache_dir is None:
+        eval_fill = OnDemandTokens(evaluation, tokenizer, **token_kwargs)
+        eval_tokens, eval_report = eval_fill.tokens, eval_fill.report()
+    else:
+        eval_tokens, eval_report = cached_tokenize(evaluation, tokenizer, spec.cache_dir, **token_kwargs)
     partition = partition_examples(train, train_tokens, part, seed=seed, num_clients=num_clients)
     largest = max(len(i) for i in partition.client_indices)
     packing = spec.packing_spec()
@@ -444,9 +500,22 @@ def build_federated_data(
         steps_per_round=steps,
         seed=seed,
         eval_batch_size=eval_batch_size,
-        truncation={"train": train_report, "eval": eval_report},
+        truncation_reports={"train": train_report, "eval": eval_report},
         packing=packing,
+        train_fill=train_fill,
+        eval_fill=eval_fill,
     )
+
+
+def on_demand_blocker(spec: DataSpec, local_work: batching.LocalWork) -> str | None:
+    """Why the training split must be tokenised up front even when asked on demand (None: it need not)."""
+    if spec.partition.method == "dirichlet_group" and spec.partition.group_field == "length_bucket":
+        return "data.partition.group_field 'length_bucket' groups clients by every example's length"
+    if spec.packing.enabled and local_work.epochs is not None:
+        return "packing with federated.local_epochs sizes the rounds from every client's packing"
+    if spec.cache_dir is not None:
+        return "data.cache_dir stores (and loads) the whole tokenised split"
+    return None
 
 
 def packed_epoch_steps(tokens: TokenizedExamples, client_indices: Sequence[np.ndarray], local_work: batching.LocalWork,

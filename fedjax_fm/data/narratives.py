@@ -1,8 +1,9 @@
 """A seeded generator of short everyday texts: the corpus the demo's base model is pretrained on.
 
 Each text is a few sentences of one of several kinds (a diary entry, a message
-thread, a note on a fridge, a short story, a weekly timetable), in which a small
-cast of people, places, days and times is introduced and then *mentioned again*::
+thread, a note on a fridge, a short story, a weekly timetable, a chat, a short chat
+followed by a line someone wrote about its plan), in which a small cast of people,
+places, days and times is introduced and then *mentioned again*::
 
     On Thursday Hugo took the bus to the museum. He met Kofi there at 3 pm.
     Kofi had brought a camera, and Hugo borrowed it for the afternoon.
@@ -11,8 +12,10 @@ cast of people, places, days and times is introduced and then *mentioned again*:
 So a model pretrained on it (with span corruption, ``fedjax_fm.data.span_corruption``)
 learns ordinary English about plans and errands and, because a masked name, place
 or day can usually be recovered from elsewhere in the same text, to copy entities
-from its context. It holds no dialogue -> summary pairs: the summarisation task of
-the demo (``fedjax_fm.data.synthetic``) is learned only in fine-tuning. Its word
+from its context. It holds none of the demo's dialogue -> summary pairs: the
+``chat_note`` kind retells a chat's plan in one line, but with its own chat phrasings
+(``PLAN_LINES``) and its own wordings of the plan (``RECAPS``), never the demo's
+(``fedjax_fm.data.synthetic``), whose templates are learned only in fine-tuning. Its word
 lists are its own (a superset of the demo's entities, so that the tokenizer trained
 on it spells them), written for this project and released with it under Apache-2.0.
 """
@@ -187,20 +190,28 @@ PLAN_LINES = (
 )
 
 
+def _plan_slots(rng) -> dict[str, str]:
+    """The place, day, time, ... a chat's plan may mention (each drawn, in this order)."""
+    return dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
+                event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS), task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+
+
 def _chat(rng):
     a, b, c = _cast(rng, 3)
-    slots = dict(place=_pick(rng, PLACES), day=_pick(rng, DAYS), time=_pick(rng, TIMES), item=_pick(rng, ITEMS),
-                 event=_pick(rng, EVENTS), n=_pick(rng, NUMBERS),
-                 task=_pick(rng, TASKS), genre=_pick(rng, GENRES))
+    slots = _plan_slots(rng)
+    return _chat_lines(rng, a, b, c, slots, _pick(rng, PLAN_LINES))
+
+
+def _chat_lines(rng, a, b, c, slots, plan_lines, max_exchanges: int = 11) -> str:
     speakers = (a, b, c) if rng.random() < 0.3 else (a, b)
     lines = [(a, _pick(rng, GREETINGS) + _pick(rng, ("", f" {b}", "!"))), (b, _pick(rng, GREETINGS + ANSWERS))]
-    for _ in range(int(rng.integers(0, 12))):       # 0-11 exchanges of chit-chat: chats from 4 to ~30 lines
+    for _ in range(int(rng.integers(0, max_exchanges + 1))):  # chit-chat: chats from 4 to ~30 lines
         first = _pick(rng, speakers)
         second = _pick(rng, tuple(s for s in speakers if s != first))
         lines += [(first, _pick(rng, CHITCHAT)), (second, _pick(rng, ANSWERS))]
         if rng.random() < 0.2:
             lines.append((_pick(rng, speakers), _pick(rng, SHORT)))
-    ask, reply, close = _pick(rng, PLAN_LINES)
+    ask, reply, close = plan_lines
     at = int(rng.integers(2, len(lines) + 1))
     plan = [(a, ask.format(**slots)), (b, reply.format(**slots)), (a, close.format(**slots))]
     lines = lines[:at] + plan + lines[at:]
@@ -208,7 +219,46 @@ def _chat(rng):
     return "\n".join(f"{speaker}: {text}" for speaker, text in lines)
 
 
-KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable, "chat": _chat}
+# What someone jotted down after a chat: the plan of PLAN_LINES[k] retold in the third
+# person (a asked, b answered). Worded unlike the demo's summaries (fedjax_fm.data.synthetic),
+# so the base learns to carry people, places and days from a chat into a sentence, not
+# the demo's templates.
+RECAPS = (
+    "so on {day} at {time}, {a} and {b} are meeting up at the {place}",
+    "{b} is lending the {item} to {a} for {day}",
+    "{a} was {n} minutes behind for {event}",
+    "{a} is missing {event} on {day}",
+    "{b} is going to the party of {a} at the {place} on {day}",
+    "the table at the {place} is for {n}, {day} at {time}, booked by {a}",
+    "{b} brings the {item} on {day}, as {a} asked",
+    "{b} is getting {item} for {a}",
+    "on {day} at {time} {a} and {b} see a {genre} film at the {place}",
+    "{a} must {task} before {day}",
+    "{b} still needs to {task}, on {day}",
+    "{b} is collecting {a} from the {place} on {day} at {time}",
+)
+RECAP_OPENERS = ("Later {writer} noted:", "{writer}'s notes:", "In {writer}'s diary:", "Reminder for {writer}:")
+
+
+def _chat_note(rng):
+    """A chat (:func:`_chat`) and a line someone wrote about its plan afterwards."""
+    a, b, c = _cast(rng, 3)
+    slots = _plan_slots(rng)
+    k = int(rng.integers(len(PLAN_LINES)))
+    # short chats (0-3 exchanges of chit-chat), so that the note still fits in a pretraining row
+    chat = _chat_lines(rng, a, b, c, slots, PLAN_LINES[k], max_exchanges=3)
+    opener = _pick(rng, RECAP_OPENERS).format(writer=_pick(rng, (a, b)))
+    return f"{chat}\n{opener} {RECAPS[k].format(a=a, b=b, **slots)}."
+
+
+KINDS = {"diary": _diary, "thread": _thread, "note": _note, "story": _story, "timetable": _timetable, "chat": _chat,
+         "chat_note": _chat_note}
+
+
+def entity_words() -> list[str]:
+    """The words that name this corpus's entities (people, places, days, things, hours,
+    genres, numbers): what salient span masking hides (``span_corruption.salient_noise_mask``)."""
+    return [*NAMES, *PLACES, *DAYS, *ITEMS, *(t.split()[0] for t in TIMES), *GENRES, *NUMBERS]
 
 
 def narrative(rng: np.random.Generator) -> str:
@@ -222,4 +272,4 @@ def narrative_corpus(num_texts: int, *, seed: int = 0) -> list[str]:
     return [narrative(np.random.default_rng([seed, i])) for i in range(num_texts)]
 
 
-__all__ = ["KINDS", "narrative", "narrative_corpus"]
+__all__ = ["KINDS", "entity_words", "narrative", "narrative_corpus"]

@@ -124,8 +124,8 @@ def _encode(tokenizer, texts: list[str], chunk_size: int) -> list[list[int]]:
     return ids
 
 
-def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Pad/truncate to ``[N, length]`` keeping a final EOS; returns (ids, lengths, n_truncated, raw lengths)."""
+def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad/truncate to ``[N, length]`` keeping a final EOS; returns (ids, lengths, raw lengths)."""
     # Make every sequence end with EOS (the labels contract; tokenizers without special tokens skip it).
     sequences = [s if s and s[-1] == EOS_ID else [*s, EOS_ID] for s in sequences]
     raw_lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
@@ -136,7 +136,38 @@ def _pad_truncate(sequences: list[list[int]], length: int) -> tuple[np.ndarray, 
     out[np.arange(length)[None, :] < lengths[:, None]] = np.fromiter(
         itertools.chain.from_iterable(cut), dtype=np.int32, count=int(lengths.sum())
     )
-    return out, lengths, int((raw_lengths > length).sum()), raw_lengths
+    return out, lengths, raw_lengths
+
+
+def truncation_report(raw_input_lengths: np.ndarray, raw_target_lengths: np.ndarray, max_input_length: int,
+                      max_target_length: int) -> TruncationReport:
+    """The :class:`TruncationReport` of examples with these untruncated lengths (EOS included)."""
+    n = len(raw_input_lengths)
+    return TruncationReport(
+        num_examples=n,
+        max_input_length=max_input_length,
+        max_target_length=max_target_length,
+        inputs_truncated=int((raw_input_lengths > max_input_length).sum()),
+        targets_truncated=int((raw_target_lengths > max_target_length).sum()),
+        input_length_mean=float(raw_input_lengths.mean()) if n else 0.0,
+        input_length_max=int(raw_input_lengths.max()) if n else 0,
+        target_length_mean=float(raw_target_lengths.mean()) if n else 0.0,
+        target_length_max=int(raw_target_lengths.max()) if n else 0,
+    )
+
+
+def _tokenize(examples: TextExamples, tokenizer, *, prompt_template: str, max_input_length: int,
+              max_target_length: int, chunk_size: int) -> tuple[TokenizedExamples, np.ndarray, np.ndarray]:
+    """``(tokens, raw input lengths, raw target lengths)`` of ``examples``."""
+    if max_input_length < 2 or max_target_length < 2:
+        raise DataError(f"max lengths must be >= 2 (got {max_input_length}, {max_target_length})")
+    _check_special_ids(tokenizer)
+    prompts = format_prompts(prompt_template, examples.inputs)
+    input_ids, input_lengths, raw_in = _pad_truncate(_encode(tokenizer, prompts, chunk_size), max_input_length)
+    labels, label_lengths, raw_out = _pad_truncate(
+        _encode(tokenizer, list(examples.targets), chunk_size), max_target_length
+    )
+    return TokenizedExamples(input_ids, input_lengths, labels, label_lengths), raw_in, raw_out
 
 
 def tokenize_examples(
@@ -153,27 +184,75 @@ def tokenize_examples(
     ``tokenizer`` is a Hugging Face tokenizer (anything callable on a list of strings that
     returns ``{"input_ids": [...]}``, or with ``encode``) whose pad id is 0 and EOS id is 1.
     """
-    if max_input_length < 2 or max_target_length < 2:
-        raise DataError(f"max lengths must be >= 2 (got {max_input_length}, {max_target_length})")
-    _check_special_ids(tokenizer)
-    prompts = format_prompts(prompt_template, examples.inputs)
-    input_ids, input_lengths, inputs_cut, raw_in = _pad_truncate(_encode(tokenizer, prompts, chunk_size), max_input_length)
-    labels, label_lengths, targets_cut, raw_out = _pad_truncate(
-        _encode(tokenizer, list(examples.targets), chunk_size), max_target_length
-    )
-    n = len(examples)
-    report = TruncationReport(
-        num_examples=n,
-        max_input_length=max_input_length,
-        max_target_length=max_target_length,
-        inputs_truncated=inputs_cut,
-        targets_truncated=targets_cut,
-        input_length_mean=float(raw_in.mean()) if n else 0.0,
-        input_length_max=int(raw_in.max()) if n else 0,
-        target_length_mean=float(raw_out.mean()) if n else 0.0,
-        target_length_max=int(raw_out.max()) if n else 0,
-    )
-    return TokenizedExamples(input_ids, input_lengths, labels, label_lengths), report
+    tokens, raw_in, raw_out = _tokenize(examples, tokenizer, prompt_template=prompt_template,
+                                        max_input_length=max_input_length, max_target_length=max_target_length,
+                                        chunk_size=chunk_size)
+    return tokens, truncation_report(raw_in, raw_out, max_input_length, max_target_length)
+
+
+class OnDemandTokens:
+    """A split's :class:`TokenizedExamples`, each example tokenised when it is first needed.
+
+    ``tokens`` has the full ``[N, S]`` / ``[N, T]`` shapes from the start (zeros until
+    filled), so indices, shapes and every consumer are those of an eagerly tokenised
+    split; :meth:`ensure` fills the rows of the examples asked for that are still empty,
+    with exactly the ids :func:`tokenize_examples` gives (each example is tokenised on its
+    own: the chunking of a batched call does not change a row). A process of a
+    multi-process run uses it so that it tokenises only the clients it feeds
+    (``docs/distributed.md``). Thread-safe: the round prefetcher and the lineage
+    fingerprints may ask at the same time.
+    """
+
+    def __init__(self, examples: TextExamples, tokenizer, *, prompt_template: str = DEFAULT_PROMPT,
+                 max_input_length: int = 512, max_target_length: int = 128, chunk_size: int = 1024) -> None:
+        import threading
+
+        if max_input_length < 2 or max_target_length < 2:
+            raise DataError(f"max lengths must be >= 2 (got {max_input_length}, {max_target_length})")
+        _check_special_ids(tokenizer)
+        format_prompts(prompt_template, [""])  # a bad template fails now, not at the first round
+        n = len(examples)
+        self.examples = examples
+        self._tokenizer = tokenizer
+        self._kwargs = dict(prompt_template=prompt_template, max_input_length=max_input_length,
+                            max_target_length=max_target_length, chunk_size=chunk_size)
+        self.tokens = TokenizedExamples(np.zeros((n, max_input_length), np.int32), np.zeros(n, np.int32),
+                                        np.zeros((n, max_target_length), np.int32), np.zeros(n, np.int32))
+        self._raw_input = np.full(n, -1, np.int64)   # -1: not tokenised yet
+        self._raw_target = np.full(n, -1, np.int64)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def done(self) -> np.ndarray:
+        """``[N]`` bool: the example has been tokenised."""
+        return self._raw_input >= 0
+
+    def ensure(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Tokenises the examples at ``indices`` that are not tokenised yet (in one batched call)."""
+        indices = np.unique(np.asarray(indices, np.int64).reshape(-1))
+        with self._lock:
+            todo = indices[self._raw_input[indices] < 0]
+            if todo.size == 0:
+                return
+            new, raw_in, raw_out = _tokenize(self.examples.select(todo), self._tokenizer, **self._kwargs)
+            t = self.tokens
+            t.input_ids[todo], t.input_lengths[todo] = new.input_ids, new.input_lengths
+            t.labels[todo], t.label_lengths[todo] = new.labels, new.label_lengths
+            self._raw_target[todo] = raw_out
+            self._raw_input[todo] = raw_in  # last: marks the rows done
+
+    def report(self) -> TruncationReport:
+        """The truncation report of the examples tokenised so far."""
+        done = self.done
+        return truncation_report(self._raw_input[done], self._raw_target[done], self._kwargs["max_input_length"],
+                                 self._kwargs["max_target_length"])
+
+    def raw_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """``[N]`` untruncated input and target lengths (-1 where not tokenised yet)."""
+        return self._raw_input.copy(), self._raw_target.copy()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

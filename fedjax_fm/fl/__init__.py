@@ -55,7 +55,17 @@ from fedjax_fm.fl.codecs import (
     take_client_states,
     topk,
 )
-from fedjax_fm.fl.execution import ClientOutputs, Sequential, Sharded, Vmapped, client_mesh
+from fedjax_fm.fl.execution import (
+    ClientOutputs,
+    ClientSlots,
+    Sequential,
+    Sharded,
+    Vmapped,
+    all_slots,
+    client_mesh,
+    client_slots,
+    to_host,
+)
 from fedjax_fm.fl.variables import join_variables, split_variables, trainable_collections, tree_nbytes
 from fedjax_fm.fl.privacy import (
     AdaptiveClipping,
@@ -90,6 +100,7 @@ __all__ = [
     "AdaptiveClipping",
     "AggregateResult",
     "ClientOutputs",
+    "ClientSlots",
     "Codec",
     "DPAggregateResult",
     "DPAggregator",
@@ -104,6 +115,7 @@ __all__ = [
     "Vmapped",
     "aggregate",
     "apply_pseudo_gradient",
+    "all_slots",
     "batch_counts",
     "bf16",
     "chain",
@@ -112,6 +124,7 @@ __all__ = [
     "client_norms",
     "client_optimizer",
     "client_rngs",
+    "client_slots",
     "clip_deltas",
     "downlink_bytes",
     "dp_aggregate",
@@ -149,6 +162,7 @@ __all__ = [
     "server_optimizer",
     "split_variables",
     "take_client_states",
+    "to_host",
     "topk",
     "trainable_collections",
     "tree_nbytes",

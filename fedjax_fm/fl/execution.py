@@ -16,11 +16,16 @@ where ``batches`` has leading ``[clients, steps]`` axes and ``client_rngs`` is
   and only the adapters and optimiser states are per client.
 * :class:`Sharded` -- the vmapped call ``jit``-ted over a ``jax.sharding.Mesh``
   with a ``clients`` axis: client batches and outputs are split across devices,
-  parameters replicated. Any single-process mesh works (several GPUs, or
-  virtual CPU devices as in the tests). Multi-host meshes need each process to
-  contribute its own slice of the client batches
-  (``jax.make_array_from_process_local_data``) instead of the ``device_put`` of
-  host arrays done here: not implemented or tested yet.
+  parameters replicated. The mesh may span several processes (``jax.distributed``,
+  one process per host): each process then feeds only the clients its own devices
+  hold (:meth:`Sharded.client_slots`; ``jax.make_array_from_process_local_data``),
+  parameters and the frozen base are placed with ``jax.make_array_from_callback``,
+  and results come back to the host with :func:`to_host`
+  (``multihost_utils.process_allgather``), never ``jax.device_get``.
+
+Placed once: :meth:`place` keeps a leaf that already has the target sharding, so a
+runner that places the frozen base once (``frozen = executor.place(frozen)``) pays
+nothing for it in later rounds (see ``docs/distributed.md``).
 
 Groups that do not fill up are padded with copies of a client whose
 ``example_weight`` is zero; such a client skips every step (see ``client.py``)
@@ -35,6 +40,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_fm.fl.client import ClientUpdate, Params
@@ -149,47 +155,187 @@ def client_mesh(devices: Any = None) -> Mesh:
     return Mesh(devs.reshape(-1), ("clients",))
 
 
+class ClientSlots(NamedTuple):
+    """Which of a round's clients this process feeds to a :class:`Sharded` executor.
+
+    The round's ``count`` clients are padded to ``padded`` slots (groups of
+    ``group`` slots, a multiple of the mesh size); ``positions`` are the slots this
+    process's devices hold, in the order its local batches must come. ``sources``
+    names, for each of them, the round position whose batches fill it: itself for
+    a real client; for a padding slot the first real client this process holds (0
+    if it holds none), whose data it has anyway (the executor zeroes its ``example_weight``,
+    so it skips every step and is sliced off before aggregation).
+    """
+
+    count: int
+    group: int
+    padded: int
+    positions: np.ndarray  # [local slots] int, slot indices in [0, padded)
+    sources: np.ndarray  # [local slots] int, round positions in [0, count)
+
+    @property
+    def real(self) -> np.ndarray:
+        """``[local slots]`` bool: the slot holds a real client (not padding)."""
+        return self.positions < self.count
+
+
+def all_slots(count: int) -> ClientSlots:
+    """The slots of a backend that runs every client in this process (no padding)."""
+    positions = np.arange(count)
+    return ClientSlots(count, count, count, positions, positions)
+
+
+def client_slots(executor: Any, count: int) -> ClientSlots:
+    """``executor.client_slots(count)`` where it has one (:class:`Sharded`), else :func:`all_slots`."""
+    slots = getattr(executor, "client_slots", None)
+    return slots(count) if slots is not None else all_slots(count)
+
+
+def to_host(tree: Any) -> Any:
+    """``jax.device_get`` that also takes arrays spanning several processes.
+
+    A replicated array is read from a local shard; one split across processes is
+    gathered with ``multihost_utils.process_allgather``, a collective: every process
+    must call ``to_host`` on the same arrays in the same order (they all run the
+    same round code, so they do).
+    """
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.device_get(jax.tree.map(get, tree))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sharded:
     """The vmapped call partitioned over ``mesh``'s ``clients`` axis.
 
     ``clients_per_device`` bounds each compiled call to ``mesh.size * clients_per_device``
     clients (``None``: all clients of the round, padded to a multiple of the mesh size).
+
+    ``run_clients(trainable, frozen, batches, client_rngs)``: ``client_rngs`` are the
+    round's ``[count, 2]`` keys (the same on every process); ``batches`` are either the
+    whole round's ``[count, steps, ...]`` (one process only) or this process's
+    ``[len(slots.positions), steps, ...]`` for ``slots = client_slots(count)``, the
+    batches of the round positions ``slots.sources`` (a runner in several processes
+    builds only these).
     """
 
     mesh: Mesh = dataclasses.field(default_factory=client_mesh)
     clients_per_device: int | None = None
 
+    @property
+    def multi_process(self) -> bool:
+        """The mesh spans devices of other processes (``jax.distributed``)."""
+        return any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
+
+    def _sharding(self, spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
     def place(self, tree: Params) -> Params:
-        """Replicates server-side pytrees (parameters, optimiser state) over the mesh."""
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+        """Replicates server-side pytrees (parameters, optimiser state, frozen base) over the mesh.
+
+        Leaves that already are replicated over the mesh are returned as they are: a
+        tree placed once is never copied again. Host values (or arrays on one local
+        device) are placed with ``jax.make_array_from_callback`` when the mesh spans
+        processes (every process must hold the same value), with ``jax.device_put``
+        otherwise; arrays spanning processes with another sharding are resharded by
+        a compiled identity.
+        """
+        target = self._sharding(PartitionSpec())
+        multi = self.multi_process
+
+        def put(x):
+            if isinstance(x, jax.Array):
+                if x.sharding.is_equivalent_to(target, x.ndim):
+                    return x
+                if not x.is_fully_addressable:
+                    return jax.jit(lambda a: a, out_shardings=target)(x)
+            if not multi:
+                return jax.device_put(x, target)
+            value = np.asarray(x)
+            return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+        return jax.tree.map(put, tree)
+
+    def _group(self, count: int) -> int:
+        devices = self.mesh.shape["clients"]
+        if self.clients_per_device:
+            return devices * self.clients_per_device
+        return max(1, -(-count // devices)) * devices
+
+    def client_slots(self, count: int) -> ClientSlots:
+        """The slots of a round of ``count`` clients that this process feeds (see :class:`ClientSlots`).
+
+        Each group of ``group`` slots is split over the mesh's ``clients`` axis; this
+        process holds the rows its own devices hold in every group, a contiguous block
+        when the mesh lists each process's devices together (as :func:`client_mesh`
+        does, from ``jax.devices()``).
+        """
+        group = self._group(count)
+        padded = -(-count // group) * group
+        index_map = self._sharding(PartitionSpec("clients")).addressable_devices_indices_map((group,))
+        rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(group))})
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            raise ValueError(
+                f"this process's devices hold rows {rows} of the clients axis, not one block: build the mesh "
+                "with each process's devices together (fl.client_mesh() does)"
+            )
+        positions = np.asarray([start + r for start in range(0, padded, group) for r in rows], np.int64)
+        # A padding slot repeats one of this process's own real clients (weight 0), so a
+        # process never needs another process's client data (each tokenises only its own).
+        own = positions[positions < count]
+        sources = np.where(positions < count, positions, own[0] if own.size else 0)
+        return ClientSlots(count, group, padded, positions, sources)
 
     def compile(self, client_update: ClientUpdate) -> RunClients:
         if "clients" not in self.mesh.axis_names:
             raise ValueError(f"Sharded needs a mesh with a 'clients' axis, got axes {self.mesh.axis_names}")
-        split = NamedSharding(self.mesh, PartitionSpec("clients"))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        split = self._sharding(PartitionSpec("clients"))
+        replicated = self._sharding(PartitionSpec())
         update = jax.jit(
             jax.vmap(client_update, in_axes=(None, None, 0, 0)),
             in_shardings=(replicated, replicated, split, split),
             out_shardings=split,
         )
-        devices = self.mesh.shape["clients"]
 
         def run(trainable, frozen, batches, client_rngs):
-            count = _num_clients(batches)
+            count = int(client_rngs.shape[0])
+            slots = self.client_slots(count)
+            local = len(slots.positions)
+            have = _num_clients(batches)
+            if have == count and have != local and not self.multi_process:
+                batches = {k: v[slots.sources] for k, v in batches.items()}  # the whole round: take the slots
+            elif have != local:
+                raise ValueError(
+                    f"Sharded: got batches for {have} clients; this process feeds {local} slots of the round's "
+                    f"{count} clients (executor.client_slots({count}).sources)"
+                )
+            weight = np.array(batches["example_weight"], dtype=np.float32, copy=True)
+            weight[~slots.real] = 0.0  # padding slots: zero weight, every step skipped
+            batches = dict(batches, example_weight=weight)
+            rngs = to_host(client_rngs)[slots.sources]
             trainable, frozen = self.place(trainable), self.place(frozen)
-            if self.clients_per_device:
-                group = devices * self.clients_per_device
-            else:
-                group = -(-count // devices) * devices
+            per_group = local * slots.group // slots.padded  # this process's slots in each group
             parts = []
-            for start in range(0, count, group):
-                part_batches = {k: v[start : start + group] for k, v in batches.items()}
-                part_batches, part_rngs = _pad_clients(part_batches, client_rngs[start : start + group], group)
-                part_batches = jax.device_put(part_batches, split)
-                part_rngs = jax.device_put(part_rngs, split)
-                parts.append(ClientOutputs(*update(trainable, frozen, part_batches, part_rngs)))
-            return _concat(parts, count)
+            for g in range(slots.padded // slots.group):
+                part = slice(g * per_group, (g + 1) * per_group)
+                feed = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
+                    split, np.asarray(x[part]), (slots.group,) + tuple(x.shape[1:]))
+                parts.append(ClientOutputs(*update(trainable, frozen, {k: feed(v) for k, v in batches.items()},
+                                                   feed(rngs))))
+                if self.multi_process:
+                    # One program with cross-process collectives in flight at a time: XLA:CPU runs
+                    # each local device's part of a program on its own thread, so two queued programs
+                    # can reach gloo's collectives in different orders on the two devices of a
+                    # process and wait on each other across processes (seen as an intermittent hang
+                    # of the two-process test). Waiting here keeps the order the same everywhere.
+                    jax.block_until_ready(parts[-1])
+            outputs = _concat(parts, count)
+            return jax.block_until_ready(outputs) if self.multi_process else outputs
 
         return run

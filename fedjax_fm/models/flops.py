@@ -46,10 +46,19 @@ from fedjax_fm.models.config import LoraConfig, T5Config
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one call, split into forward and backward passes."""
+    """FLOPs of one call, split into forward and backward passes.
+
+    ``attention`` is the part of ``total`` spent in the attention core (the score
+    products q k^T and the weighted sums of v, forward and backward): the only work
+    that grows with the square of a length, and so the part a packed row's segment
+    masks waste (``train_step_flops`` of a [rows, S] row against ``ExampleFlops`` of its
+    segments). ``scripts/bench_real_lengths.py`` uses it to bound what exact
+    block-diagonal attention could save.
+    """
 
     forward: int
     backward: int = 0
+    attention: int = 0
 
     @property
     def total(self) -> int:
@@ -65,6 +74,7 @@ class _Counter:
         self.full = training and lora is None  # full fine-tuning: every weight trainable
         self.forward = 0
         self.backward = 0
+        self.attention_flops = 0  # the attention core's share of forward + backward
 
     def dense(self, rows: int, d_in: int, d_out: int, module: str, x_live: bool, adapted: bool = True) -> bool:
         """y = x W for ``rows`` rows; returns whether y depends on a trainable variable."""
@@ -91,10 +101,12 @@ class _Counter:
                   q_live: bool, k_live: bool, v_live: bool) -> bool:
         """softmax(q k^T) v; returns whether the output is live."""
         one = 2 * batch * heads * q_len * k_len * d_kv
+        before = self.forward + self.backward
         self.forward += 2 * one
         if self.training:
             self.backward += one * (int(q_live) + int(k_live))  # dQ, dK of the scores
             self.backward += one * (int(q_live or k_live) + int(v_live))  # dP, dV of the values
+        self.attention_flops += self.forward + self.backward - before
         return q_live or k_live or v_live
 
     def feed_forward(self, config: T5Config, rows: int, x_live: bool) -> bool:
@@ -164,7 +176,7 @@ def train_step_flops(config: T5Config, batch_size: int, source_len: int, target_
     _check_shape_args(batch_size=batch_size, source_len=source_len, target_len=target_len)
     counter = _Counter(training=True, lora=lora)
     _encoder_decoder(counter, config, batch_size, source_len, target_len)
-    return FlopCount(counter.forward, counter.backward)
+    return FlopCount(counter.forward, counter.backward, counter.attention_flops)
 
 
 def decode_step_flops(config: T5Config, batch_size: int, source_len: int, keys: int,
@@ -235,13 +247,22 @@ class ExampleFlops:
 
     def __init__(self, config: T5Config, lora: LoraConfig | None = None):
         self.config, self.lora = config, lora
-        self._cache: dict[tuple[int, int], int] = {}
+        self._cache: dict[tuple[int, int], FlopCount] = {}
 
-    def one(self, source_len: int, target_len: int) -> int:
+    def count(self, source_len: int, target_len: int) -> FlopCount:
+        """``train_step_flops`` of one example alone at these lengths (cached)."""
         key = (int(source_len), int(target_len))
         if key not in self._cache:
-            self._cache[key] = train_step_flops(self.config, 1, key[0], key[1], lora=self.lora).total
+            self._cache[key] = train_step_flops(self.config, 1, key[0], key[1], lora=self.lora)
         return self._cache[key]
+
+    def one(self, source_len: int, target_len: int) -> int:
+        return self.count(source_len, target_len).total
 
     def __call__(self, source_lengths, target_lengths) -> int:
         return int(sum(self.one(s, t) for s, t in zip(source_lengths, target_lengths) if s > 0 and t > 0))
+
+    def attention(self, source_lengths, target_lengths) -> int:
+        """The attention core's part of ``self(source_lengths, target_lengths)``: the
+        least attention work any exact scheme does (block-diagonal over segments)."""
+        return int(sum(self.count(s, t).attention for s, t in zip(source_lengths, target_lengths) if s > 0 and t > 0))

@@ -206,9 +206,11 @@ def training_texts(cfg: ExperimentConfig) -> list[str]:
     return format_prompts(cfg.data.prompt_template, train.inputs) + list(train.targets)
 
 
-def build_data(cfg: ExperimentConfig, tokenizer: Any) -> FederatedData:
+def build_data(cfg: ExperimentConfig, tokenizer: Any, *, on_demand: bool = False) -> FederatedData:
+    """The run's :class:`FederatedData`; ``on_demand``: tokenise clients when first fed (multi-process runs)."""
     data = build_federated_data(cfg.data, tokenizer, seed=cfg.seed, num_clients=cfg.federated.num_clients,
-                                local_work=local_work(cfg), eval_batch_size=cfg.eval.batch_size)
+                                local_work=local_work(cfg), eval_batch_size=cfg.eval.batch_size,
+                                on_demand=on_demand)
     if data.num_clients < cfg.federated.clients_per_round:
         raise ConfigError(
             f"federated.clients_per_round={cfg.federated.clients_per_round} but the data has only "

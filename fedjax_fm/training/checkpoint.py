@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjax_fm.fl.execution import to_host
 from fedjax_fm.training.fingerprint import key_path_name, named_leaves
 
 MANIFEST = "manifest.json"
@@ -186,7 +187,15 @@ class CheckpointStore:
         for stale in self.directory.glob(_TMP_PREFIX + "*"):  # a save that was killed: never valid
             shutil.rmtree(stale, ignore_errors=True)
         with _quiet_orbax():
-            self._checkpointer = ocp.PyTreeCheckpointer()
+            if jax.process_count() > 1:
+                # A distributed run: the server state is replicated, so one process (the run's
+                # process 0) writes and reads it alone; orbax must not wait for the others.
+                alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                           active_processes={jax.process_index()})
+                self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                                                      multiprocessing_options=alone)
+            else:
+                self._checkpointer = ocp.PyTreeCheckpointer()
 
     def all_rounds(self) -> list[int]:
         """The rounds with a checkpoint folder (``corrupt-*`` and ``.tmp-*`` are not checkpoints)."""
@@ -219,7 +228,7 @@ class CheckpointStore:
         leaves_meta = []
         for i, (name, leaf) in enumerate(named):
             value = jax.random.key_data(leaf) if _is_key(leaf) else leaf
-            arrays[f"leaf_{i:05d}"] = np.asarray(jax.device_get(value))
+            arrays[f"leaf_{i:05d}"] = np.asarray(to_host(value))  # replicated across processes too
             dtype, shape = _leaf_spec(leaf)
             leaves_meta.append({"name": name, "dtype": dtype, "shape": shape})
         meta = {"round": int(round_), "leaves": leaves_meta, "metrics": metrics, **(extra_meta or {})}

@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
@@ -45,9 +47,11 @@ import numpy as np
 
 from fedjax_fm import fl
 from fedjax_fm.config import ConfigError, ExperimentConfig, config_to_dict, load_config
+from fedjax_fm.data.federated import on_demand_blocker
 from fedjax_fm.data.records import DataError
+from fedjax_fm.data.tokenize import truncation_report
 from fedjax_fm.models.hf_io import HFCheckpointError
-from fedjax_fm.training import builders
+from fedjax_fm.training import builders, distributed
 from fedjax_fm.training.checkpoint import CheckpointError
 from fedjax_fm.training.checks import fault_counts, round_warning, truncation_warnings
 from fedjax_fm.training.compile_watch import CompileWatch
@@ -81,6 +85,18 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
                  stream: Optional[TextIO] = None) -> None:
+        # In a distributed run (training/distributed.py) process 0 writes DIR, evaluates and
+        # checkpoints; the others run the same rounds with their outputs in a scratch folder.
+        self.multi_process = distributed.multi_process()
+        self.primary = distributed.is_primary()
+        self.scratch: Optional[Path] = None
+        if not self.primary:
+            self.scratch = Path(tempfile.mkdtemp(prefix=f"fedjax-fm-process{jax.process_index()}-"))
+            out_dir, resume = self.scratch, False
+            cfg = cfg.replace(
+                output=dataclasses.replace(cfg.output, export=False, plots=False, tensorboard=False, progress=False),
+                checkpoint=dataclasses.replace(cfg.checkpoint, enabled=False),
+            )
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.resume = resume
@@ -92,33 +108,44 @@ class Experiment:
 
     def prepare(self) -> None:
         cfg = self.cfg
-        self.recorder.check()
+        self._on_primary(self.recorder.check)
         self.say(f"fedjax-fm run -> {self.out_dir}")
         t0 = time.perf_counter()
         self.say(f"setting up: tokenizer ({builders.tokenizer_mode(cfg)})")
         self.tokenizer = builders.build_tokenizer(cfg, self.out_dir, lambda: builders.training_texts(cfg))
         self.say(f"setting up: data ({cfg.data.source.kind}, {cfg.data.partition.method} over "
                  f"{cfg.federated.num_clients} clients; tokenising)")
-        self.data = builders.build_data(cfg, self.tokenizer)
+        # In several processes each tokenises only the clients it feeds, when it first feeds
+        # them, and process 0 the eval split (docs/distributed.md, "Data").
+        self.data = builders.build_data(cfg, self.tokenizer, on_demand=self.multi_process)
+        if self.multi_process and self.primary and self.data.train_fill is None:
+            self.say("note: every process tokenises the whole training split: "
+                     f"{on_demand_blocker(cfg.data, builders.local_work(cfg))}")
         if cfg.eval.per_client_every is not None:  # each client's held-out slice leaves its training data
             self.data, held_out = hold_out_client_examples(self.data, cfg.eval.per_client_fraction, cfg.seed)
         self.say(f"setting up: model ({cfg.model.name}, "
                  f"{'pretrained weights' if builders.wants_pretrained(cfg) else 'random init from the seed'})")
-        for line in truncation_warnings(self.data.truncation):
-            self._warn(line)
         self.model, variables = builders.build_model(cfg, self.tokenizer)
-        trainable, self.frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
+        trainable, self.local_frozen = fl.split_variables(variables, fl.trainable_collections(cfg.lora is not None))
         self.algorithm = builders.build_algorithm(cfg, self.model)
+        # Placed once where the client phase wants it (fl.Sharded: replicated over the mesh)
+        # and kept across rounds; evaluation, lineage and export use the local copy.
+        self.frozen = self.algorithm.executor.place(self.local_frozen)
         self.privacy = RunPrivacy.from_config(cfg, self.data.num_clients)
         if self.privacy is not None:
             self.algorithm = self.privacy.algorithm(self.algorithm)
-        self.evaluator = builders.build_evaluator(cfg, self.model, self.tokenizer, self.data)
+        # Evaluation runs on process 0 only: the others neither build nor tokenise it.
+        self.evaluator = builders.build_evaluator(cfg, self.model, self.tokenizer, self.data) if self.primary else None
+        # After the evaluator: on demand, process 0 has tokenised the eval examples only now.
+        for line in truncation_warnings(self.data.truncation) if self.primary else ():
+            self._warn(line)
         self.per_client = None
-        if cfg.eval.per_client_every is not None:
+        if cfg.eval.per_client_every is not None and self.primary:
+            self.data.ensure_examples(np.concatenate(held_out))
             targets = list(builders.load_source(cfg.data.source, seed=cfg.seed)[0].targets)
             self.per_client = PerClientEvaluator(self.evaluator, self.data, held_out, targets)
         self.environment = environment()
-        self.lineage = RunLineage(self.out_dir, config_to_dict(cfg), self.environment, self._client_tokens)
+        self.lineage = RunLineage(self.out_dir, config_to_dict(cfg), self.environment, self.data.client_tokens)
         self.energy = builders.build_energy(cfg, self.say)
         self.progress.energy_is_estimate = self.energy.is_estimate
         self.state = self.algorithm.init(trainable, cfg.seed)
@@ -144,8 +171,26 @@ class Experiment:
         return empty_row(round_, self.energy.label, self.energy.is_estimate)
 
     def variables(self, state: Any = None) -> dict[str, Any]:
+        """The model's variables (this process's own copy in a distributed run: no collective)."""
         state = self.state if state is None else state
-        return fl.join_variables(state.params, self.frozen)
+        params = fl.to_host(state.params) if self.multi_process else state.params
+        return fl.join_variables(params, self.local_frozen)
+
+    def _on_primary(self, step: Any) -> Any:
+        """Runs ``step`` on process 0 only (all of it in one process); every process learns
+        whether it failed (``distributed.agree``), so none waits on the others forever."""
+        if not self.multi_process:
+            return step()
+        result, error = None, None
+        if self.primary:
+            try:
+                result = step()
+            except Exception as exc:  # re-raised below, after the others have heard of it
+                error = exc
+        distributed.agree(None if error is None else str(error))
+        if error is not None:
+            raise error
+        return result
 
     def _evaluate(self, row: dict[str, Any]) -> None:
         with self.energy.meter.section("eval") as section:
@@ -159,12 +204,6 @@ class Experiment:
         if row["round"] == 0:
             self.first_predictions = self.last_predictions
 
-    def _client_tokens(self, client: int) -> dict[str, np.ndarray]:
-        """A client's tokenised training data, as its lineage fingerprint covers it."""
-        indices = np.asarray(self.data.partition.client_indices[client])
-        tokens = self.data.train_tokens
-        return {"input_ids": tokens.input_ids[indices], "labels": tokens.labels[indices]}
-
     def _round_inputs(self, round_index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cfg = self.cfg
         if self.privacy is not None:  # the sampling the accountant assumes; padded slots masked out
@@ -172,7 +211,39 @@ class Experiment:
             batches = self.data.clients_round_batches([int(i) for i in ids], round_index)
             return ids, self.privacy.mask_batches(batches, self.round_mask)
         ids = fl.sample_clients(cfg.seed, round_index, self.data.num_clients, cfg.federated.clients_per_round)
+        if self.multi_process:  # only the clients this process's devices hold (fl.Sharded.client_slots)
+            slots = fl.client_slots(self.algorithm.executor, len(ids))
+            self.slots_real = slots.real
+            fed = [int(ids[s]) for s in slots.sources]
+            batches = self.data.clients_round_batches(fed, round_index)
+            batches["example_weight"] = batches["example_weight"] * slots.real[:, None, None]
+            self._share_fingerprints([c for c, real in zip(fed, slots.real) if real])
+            return ids, batches
         return ids, self.data.clients_round_batches([int(i) for i in ids], round_index)
+
+    def _share_fingerprints(self, own: list[int]) -> None:
+        """Every process learns the lineage fingerprints of the round's clients (a collective).
+
+        Each fingerprints the clients it fed (it has their tokens); process 0, which writes
+        the lineage, so never tokenises another process's clients."""
+        local = np.zeros((len(self.slots_real), 33), np.int32)  # [slot] client id (-1: none) + 32 digest bytes
+        local[:, 0] = -1
+        for row, client in enumerate(own):
+            local[row, 0] = client
+            local[row, 1:] = np.frombuffer(bytes.fromhex(self.lineage.fingerprint(client)), np.uint8)
+        for entry in distributed.gather_rows(local).reshape(-1, 33):
+            if entry[0] >= 0:
+                self.lineage.remember(int(entry[0]), entry[1:].astype(np.uint8).tobytes().hex())
+
+    def _round_work(self, batches: dict[str, np.ndarray]) -> tuple[float, float]:
+        """``(useful model FLOPs, padding_efficiency)`` of the round's batches (summed over processes)."""
+        if not self.multi_process:
+            return useful_train_flops(self.example_flops, batches), round_padding_efficiency(batches)
+        real = {k: v[self.slots_real] for k, v in batches.items()}
+        slots = real["attention_mask"].size + real["decoder_attention_mask"].size
+        flops, used, total = distributed.sum_over_processes(
+            [useful_train_flops(self.example_flops, real), round_padding_efficiency(real) * slots, slots])
+        return flops, used / total
 
     def warm_up(self, round_index: int) -> None:
         """Compiles the client and server steps before the first metered round.
@@ -197,14 +268,17 @@ class Experiment:
         if int(self.state.round) != round_index:
             raise RunError(f"internal: state is at round {int(self.state.round)}, expected {round_index}")
         ids, batches = self._round_inputs(round_index)
+        useful_flops, padding = self._round_work(batches)
         meter = self.energy.meter
         outputs, client = metered_clients(self.algorithm, self.state, self.frozen, batches, ids, meter,
-                                          self.step_flops, useful_train_flops(self.example_flops, batches))
+                                          self.step_flops, useful_flops)
         codec = None
         if self.compression.enabled:  # encode per client (own key, own state), decode before aggregation
             outputs, codec = self.compression.apply(outputs, self.state, ids, meter)
         self.state, server, host = metered_server_step(self.algorithm, self.state, outputs, meter)
-        clients = jax.device_get({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
+        if self.multi_process:  # each process metered its own devices: the round's joules are the sum
+            client, server = distributed.sum_energy(client), distributed.sum_energy(server)
+        clients = fl.to_host({"loss": outputs.metrics["loss"], "n": outputs.num_examples})
         real = np.ones(len(ids), bool) if self.privacy is None else self.round_mask  # Poisson: padded slots
         self.round_clients = ([int(i) for i in np.asarray(ids)[real]], [float(n) for n in np.asarray(clients["n"])[real]])
         # Each sampled client downloads the trainable parameters and uploads its delta
@@ -217,11 +291,13 @@ class Experiment:
             losses=clients["loss"], num_examples=clients["n"], client_valid=host["client_valid"],
             num_valid=host["num_valid_clients"], applied=host["applied"], comm=comm,
         )
-        row["padding_efficiency"] = round_padding_efficiency(batches)
+        row["padding_efficiency"] = padding
         compression_fields(row, self.compression, int(real.sum()), codec)
         if self.privacy is not None:
             self.privacy.record_round(row, host)
         last = round_ == self.last_round
+        if not self.primary:  # evaluation runs on process 0, on its own copy of the variables
+            return row
         if round_ % cfg.eval.every == 0 or round_ == cfg.federated.rounds or last:
             self._evaluate(row)
         if self.per_client is not None and (round_ % cfg.eval.per_client_every == 0 or last):
@@ -236,16 +312,30 @@ class Experiment:
     # -- the loop --------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.scratch is not None:  # another process's outputs: process 0 wrote the run's
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
-        finished = self.recorder.finished_summary()
+        finished = self.recorder.finished_summary() if self.primary else None
+        if self.multi_process:  # process 0 decides for every process
+            finished = json.loads(distributed.broadcast_text(
+                None if finished is None else json.dumps(finished, default=json_safe)) or "null")
         if finished is not None:
             self.say(f"{self.out_dir} already completed its {finished['rounds']} rounds: nothing to do; "
                      "summary.json and config.yaml are left as they are")
             return finished
         self.prepare()
         recorder = self.recorder
-        restored = recorder.restore(self.compression.checkpoint_tree(self.state))
+        template = self.compression.checkpoint_tree(self.state)
+        restored = self._on_primary(lambda: recorder.restore(template))
+        if self.multi_process:  # process 0 read the checkpoint; the others take its state
+            if distributed.broadcast_text("restored" if restored is not None else None) is not None:
+                restored = distributed.broadcast_tree(restored if self.primary else template)
         if restored is not None:
             self.state = self.algorithm.executor.place(self.compression.restored(restored))
         board = TensorBoardWriter(str(self.out_dir / "tensorboard"), enabled=cfg.output.tensorboard, say=self.say)
@@ -265,7 +355,8 @@ class Experiment:
             self.progress.start_round()
             row = self._row(0)
             row["clients"] = 0
-            self._evaluate(row)
+            if self.primary:
+                self._evaluate(row)
             row = recorder.record(row)
             board.write(row)
             self.progress.round_done(row)
@@ -286,8 +377,9 @@ class Experiment:
                          f"({', '.join(sorted(set(watch.names)))}): a shape or static argument changed")
             # Lineage before the checkpoint: a checkpoint's round always has its entry (a resume
             # truncates the file to the checkpoint's round, dropping any entry past it).
-            self.lineage.append(round_, *self.round_clients, self.variables(),
-                                extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
+            if self.primary:  # the others' lineage would only go to their scratch folder
+                self.lineage.append(round_, *self.round_clients, self.variables(),
+                                    extra=None if self.privacy is None else {"dp_epsilon": row["dp_epsilon"]})
             row = recorder.record(row, self.compression.checkpoint_tree(self.state))
             board.write(row)
             self.progress.round_done(row)
@@ -299,7 +391,7 @@ class Experiment:
         if (stopped < cfg.federated.rounds and stopped > start_round and recorder.store is not None
                 and stopped % cfg.checkpoint.every != 0):  # DP target ε reached: checkpoint the last round too
             recorder.store.save(stopped, self.compression.checkpoint_tree(self.state), recorder.rows,
-                                {"config": config_to_dict(cfg)}, force=True)
+                                recorder.checkpoint_meta(), force=True)
         board.close()
         recorder.close()
         return self.finish(time.perf_counter() - started)
@@ -335,7 +427,7 @@ class Experiment:
             int(self.state.round), variables, energy_label=self.energy.label,
             energy_is_estimate=self.energy.is_estimate, num_params=self.num_params, num_trainable=self.num_trainable,
             extra={
-                "data": self.data.report(),
+                "data": self._data_report(),
                 "examples": [{"prediction": p, "reference": r} for p, r in getattr(self, "last_predictions", [])[:5]],
                 "export": str(export_dir) if export_dir else None,
                 "process_seconds": process_seconds,
@@ -361,6 +453,23 @@ class Experiment:
             f" -> {format_value(final.get('rougeL'))}; params_sha256 {summary['params_sha256'][:16]}…; results in {self.out_dir}"
         )
         return summary
+
+    def _data_report(self) -> dict[str, Any]:
+        """``data.report()``; in several processes with on-demand tokenisation, the training
+        split's truncation covers the examples any process tokenised (a collective)."""
+        report = self.data.report()
+        fill = self.data.train_fill
+        if self.multi_process and fill is not None:
+            self._warn(f"process {jax.process_index()} of {jax.process_count()}: tokenised {int(fill.done.sum())} of "
+                       f"{len(fill)} training examples (those of the clients it fed)")
+            raw_in, raw_out = (distributed.gather_rows(x.astype(np.int32)).max(axis=0) for x in fill.raw_lengths())
+            done = raw_in >= 0
+            union = truncation_report(raw_in[done], raw_out[done], self.cfg.data.max_input_length,
+                                      self.cfg.data.max_target_length)
+            report["truncation"]["train"] = union.as_dict()
+            for line in truncation_warnings({"train": union}) if self.primary else ():
+                self._warn(line)
+        return report
 
     def _say_examples(self) -> None:
         """One held-out example before and after training, then the last evaluation's five."""
@@ -409,6 +518,7 @@ def _run_command(args: argparse.Namespace) -> int:
     experiment: Optional[Experiment] = None
     try:
         cfg = load_config(args.config, args.set)
+        distributed.check_config(cfg)
         if args.quiet:
             cfg = cfg.replace(output=dataclasses.replace(cfg.output, progress=False))
         if args.dry_run:
@@ -417,13 +527,15 @@ def _run_command(args: argparse.Namespace) -> int:
             plan = plan_run(cfg, lambda message: print(message, file=sys.stderr, flush=True))
             print(json.dumps(plan, default=json_safe))
             return 0
+        distributed.start(cfg)  # before anything touches a device
         with GracefulStop() as stop:
             experiment = Experiment(cfg, args.out, resume=args.resume)
             experiment.stop = stop
             summary = experiment.run()
     except RunInterrupted as error:
         return _interrupted(error, args, experiment)
-    except (ConfigError, RunError, CheckpointError, HFCheckpointError, DataError, FileNotFoundError) as error:
+    except (ConfigError, RunError, CheckpointError, HFCheckpointError, DataError, FileNotFoundError,
+            distributed.DistributedError) as error:
         print(f"fedjax-fm run: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("rounds", "initial", "final", "params_sha256")}, default=json_safe))

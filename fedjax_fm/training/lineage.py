@@ -351,6 +351,12 @@ class RunLineage:
             self._fingerprints[client] = data_fingerprint(self._client_data(client))
         return self._fingerprints[client]
 
+    def remember(self, client: int, fingerprint: str) -> None:
+        """Takes a client's fingerprint computed elsewhere (by the process that fed it, in a multi-process run)."""
+        known = self._fingerprints.setdefault(int(client), fingerprint)
+        if known != fingerprint:
+            raise ValueError(f"client {client}: two processes fingerprint its data differently ({known} and {fingerprint})")
+
     def append(self, round_index: int, client_ids: Sequence[int], num_examples: Sequence[float],
                variables: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         assert self.writer is not None, "RunLineage.open first"

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import jax
 import numpy as np
 import yaml
 
@@ -222,6 +223,10 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = []
         self.store: Optional[CheckpointStore] = None
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint records besides the state and rows: the config and the process count."""
+        return {"config": config_to_dict(self.cfg), "processes": jax.process_count()}
+
     def check(self) -> None:
         """Creates ``out_dir``; refuses to start over a run, or to resume one with another config;
         then writes the config this run uses (``DIR/config.yaml``)."""
@@ -260,6 +265,13 @@ class RunRecorder:
             if restored is None:
                 self.say("--resume: no checkpoint yet; starting from round 0")
             else:
+                saved_processes = int(restored.meta.get("processes", 1))
+                if saved_processes != jax.process_count():
+                    raise RunError(
+                        f"--resume: {restored.path} was written by a run in {saved_processes} process(es); this "
+                        f"one has {jax.process_count()}. Resume with the same number of processes "
+                        "(distributed.num_processes), or start a new run with another --out"
+                    )
                 state = restored.state
                 self.rows = [r for r in restored.metrics if r["round"] <= restored.round]
                 self.say(f"resumed from {restored.path} (round {restored.round})")
@@ -278,7 +290,7 @@ class RunRecorder:
         round_ = row["round"]
         last = round_ == self.cfg.federated.rounds
         if state is not None and self.store is not None and (round_ % self.cfg.checkpoint.every == 0 or last):
-            self.store.save(round_, state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
+            self.store.save(round_, state, self.rows, self.checkpoint_meta(), force=True)
         return row
 
     def write_summary(self, rounds: int, variables: Any, *, energy_label: str, energy_is_estimate: bool,
@@ -353,7 +365,7 @@ class RunRecorder:
     def checkpoint_now(self, round_: int, state: Any) -> None:
         """Checkpoints ``round_`` off the interval (a run stopped by a signal), unless it is saved already."""
         if self.store is not None and round_ not in self.store.all_rounds():
-            self.store.save(round_, state, self.rows, {"config": config_to_dict(self.cfg)}, force=True)
+            self.store.save(round_, state, self.rows, self.checkpoint_meta(), force=True)
 
 
 def make_run_dir(path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import jax
 import numpy as np
 
 from fedjax_fm import fl
@@ -33,7 +32,7 @@ def count_client_work(metrics: dict[str, Any], step_flops: Optional[float],
     are ``step_flops`` per active step (the padded shapes' work).
     Host-side sums: a ``jnp`` reduction here would compile inside the metered window.
     """
-    counts = jax.device_get({"tokens": metrics["tokens"], "steps": metrics["steps"]})
+    counts = fl.to_host({"tokens": metrics["tokens"], "steps": metrics["steps"]})  # across processes too
     tokens = float(np.sum(counts["tokens"]))
     if useful_flops is not None:
         return tokens, float(useful_flops)
@@ -68,4 +67,4 @@ def metered_server_step(algorithm: fl.FederatedAlgorithm, state: fl.ServerState,
     the server metrics on the host (``client_valid``, ``num_valid_clients``, ``applied``, ...)."""
     with meter.section("server") as section:
         new_state, metrics = section.block(algorithm.server_step(state, outputs))
-    return new_state, section.record, jax.device_get(metrics)
+    return new_state, section.record, fl.to_host(metrics)

@@ -1,0 +1,73 @@
+"""The demo's documented figures are the code's: a drift check at reduced rounds.
+
+``docs/benchmarks.md`` carries one machine-readable line for the offline demo::
+
+    <!-- demo-check rounds=R machine=x86_64 cpus=2 params_sha256=... eval_loss=... -->
+
+written from a real run of ``fedjax-fm run configs/default.yaml`` at ``R`` rounds. This test
+reruns that command and compares. The fingerprint is defined per machine kind (XLA:CPU's
+float rounding follows the CPU architecture and core count, and the package versions of
+``constraints.txt``), so on another machine kind the sha comparison is skipped with the
+reason; the loss is compared there too, to 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"<!-- demo-check (?P<fields>[^>]*) -->")
+
+
+def documented_check() -> dict[str, str]:
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    found = MARKER.findall(text)
+    assert len(found) == 1, "docs/benchmarks.md must carry exactly one '<!-- demo-check ... -->' line"
+    return dict(item.split("=", 1) for item in found[0].split())
+
+
+def test_demo_check_line_is_complete():
+    check = documented_check()
+    assert set(check) == {"rounds", "machine", "cpus", "params_sha256", "eval_loss"}
+    assert re.fullmatch(r"[0-9a-f]{64}", check["params_sha256"])
+
+
+def readme_environment() -> dict[str, str]:
+    """The environment a user runs the README's command in: this one without the test
+    settings of ``tests/conftest.py`` (4 forced host devices, "highest" matmul precision),
+    which change XLA:CPU's float rounding and so the fingerprint."""
+    env = dict(os.environ)
+    if env.get("XLA_FLAGS") == "--xla_force_host_platform_device_count=4":
+        del env["XLA_FLAGS"]
+    env.pop("JAX_DEFAULT_MATMUL_PRECISION", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path):
+    check = documented_check()
+    rounds = int(check["rounds"])
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "fedjax_fm", "run", "configs/default.yaml", "--out", str(out),
+               "--set", f"federated.rounds={rounds}", "--set", f"eval.every={rounds}",
+               "--set", "output.export=false", "--set", "output.plots=false"]
+    result = subprocess.run(command, cwd=REPO, env=readme_environment(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["final"]["eval_loss"] == pytest.approx(float(check["eval_loss"]), abs=1e-3)
+    same_kind = platform.machine() == check["machine"] and os.cpu_count() == int(check["cpus"])
+    if not same_kind:
+        pytest.skip(f"params_sha256 is documented for {check['machine']} with {check['cpus']} CPUs; "
+                    f"this is {platform.machine()} with {os.cpu_count()}")
+    assert summary["params_sha256"] == check["params_sha256"], (
+        "the demo's fingerprint drifted from docs/benchmarks.md: re-measure the demo and update the "
+        "'demo-check' line and the figures next to it")
