@@ -44,6 +44,11 @@ def _presets_command(args: argparse.Namespace) -> int:
     for name, config in PRESETS.items():
         print(f"  {name:<15} d_model {config.d_model:>5}  layers {config.num_layers:>2}+{config.num_decoder_layers:<2} "
               f"heads {config.num_heads:>2}  d_ff {config.d_ff:>5}  vocab {config.vocab_size}")
+    from fedjax_fm.assets import SHIPPED_MODELS
+
+    print("pretrained models shipped in the package (model.name; no download):")
+    for name, directory in SHIPPED_MODELS.items():
+        print(f"  {name:<15} {directory}")
     if CONFIGS_DIR.is_dir():
         print(f"experiment configs (in {CONFIGS_DIR.parent}):")
         for path in sorted(CONFIGS_DIR.rglob("*.yaml")):

@@ -53,7 +53,9 @@ class ModelSection:
     """Which model, in which precision.
 
     ``name`` is a preset (``tiny``, ``flan-t5-small`` ... ``flan-t5-xl``; the
-    ``google/`` prefix is accepted), a local Hugging Face directory, or a hub name.
+    ``google/`` prefix is accepted), ``demo-base`` (the small pretrained T5 shipped in
+    the package for the offline demo, ``fedjax_fm/assets/demo_base/``), a local Hugging
+    Face directory, or a hub name.
     ``init``: ``random`` initialises the architecture from the seed; ``pretrained``
     loads weights from ``name`` (directory or hub); ``auto`` = ``random`` for the
     ``tiny`` preset and a local directory with no weights, ``pretrained`` otherwise.

@@ -1,8 +1,13 @@
 """Benchmark: uplink bytes and communication joules to reach one ROUGE-L target, per update codec.
 
-The run is the offline demo (``configs/default.yaml``: tiny FLAN-T5-architecture model,
-LoRA r=16 on every projection, synthetic dialogues over 8 clients, FedAdam), for more
-rounds with an evaluation every ``--eval-every`` rounds, once per codec:
+The run is the offline demo (``configs/default.yaml``: LoRA r=16 on every projection of
+the shipped pretrained ``demo-base``, synthetic dialogues over 8 clients, FedAdam), for
+more rounds with an evaluation every ``--eval-every`` rounds, once per codec. The figures
+in docs/benchmarks.md were measured on the earlier demo, a tiny model trained from
+scratch; to repeat them add ``--set model.name=tiny --set model.init=random --set
+model.tokenizer=train-sentencepiece --set model.vocab_size=512 --set
+federated.local_steps=8 --set federated.local_optimizer.learning_rate=6e-3 --set
+federated.server_optimizer.learning_rate=0.05``. Codecs:
 
     none | bf16 | 8-bit (blocks of 256) | 4-bit | 2-bit after a Hadamard rotation (per tensor)
     | top-k 1 % + error feedback | FFA-LoRA | FFA-LoRA + 4-bit

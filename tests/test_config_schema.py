@@ -30,7 +30,7 @@ def test_defaults_validate_and_roundtrip(tmp_path):
 
 def test_default_demo_config_is_lora_fedadam_on_synthetic_data():
     config = load_config(REPO / "configs" / "default.yaml")
-    assert config.model.name == "tiny"
+    assert config.model.name == "demo-base" and config.model.init == "pretrained"
     assert config.lora is not None
     assert config.federated.server_optimizer.name == "fedadam"
     assert config.data.source.kind == "synthetic"

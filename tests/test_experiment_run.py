@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = """\
 base: {default}
 seed: 0
-model: {{vocab_size: 256}}
+model: {{name: tiny, init: random, tokenizer: train-sentencepiece, vocab_size: 256}}
 lora: {{rank: 4, alpha: 8.0, target_modules: [q, v]}}
 data:
   source: {{num_train: 96, num_eval: 8}}

@@ -20,6 +20,7 @@ import optax
 from transformers import ByT5Tokenizer
 
 from fedjax_fm import fl
+from fedjax_fm.assets import resolve_model_name
 from fedjax_fm.config import ConfigError, ExperimentConfig
 from fedjax_fm.data.batching import LocalWork
 from fedjax_fm.data.federated import FederatedData, build_federated_data, load_source
@@ -50,6 +51,11 @@ LORA_INIT_STREAM = 0xF0DE_0002
 
 def jnp_dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def model_source(cfg: ExperimentConfig) -> str:
+    """``model.name``, with a model shipped in the package (``demo-base``) replaced by its directory."""
+    return resolve_model_name(cfg.model.name)
 
 
 def is_preset(name: str) -> bool:
@@ -92,8 +98,8 @@ def require_hub(cfg: ExperimentConfig, key: str, name: str) -> None:
 def tokenizer_mode(cfg: ExperimentConfig) -> str:
     mode = cfg.model.tokenizer
     if mode == "auto":
-        return "train-sentencepiece" if cfg.model.name == "tiny" else cfg.model.name
-    return mode
+        return "train-sentencepiece" if cfg.model.name == "tiny" else model_source(cfg)
+    return resolve_model_name(mode)
 
 
 def build_tokenizer(cfg: ExperimentConfig, out_dir: Path, training_texts: Callable[[], list[str]]) -> Any:
@@ -131,7 +137,7 @@ def _runtime(cfg: ExperimentConfig) -> dict[str, Any]:
 def model_config(cfg: ExperimentConfig) -> T5Config:
     """The :class:`T5Config` of a randomly initialised model: a preset (+ ``vocab_size``) or
     the ``config.json`` of a local directory. (Pretrained models bring their own.)"""
-    name = cfg.model.name
+    name = model_source(cfg)
     if is_preset(name):
         overrides = _runtime(cfg)
         if cfg.model.vocab_size is not None:
@@ -155,11 +161,12 @@ def build_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[T5, dict[str, An
     """
     seed_key = jax.random.PRNGKey(cfg.seed)
     if wants_pretrained(cfg):
-        if is_hub_name(cfg.model.name):
-            require_hub(cfg, "model.name", cfg.model.name)
+        source = model_source(cfg)
+        if is_hub_name(source):
+            require_hub(cfg, "model.name", source)
         runtime = _runtime(cfg)
         model, params = hf_io.from_pretrained(
-            cfg.model.name, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat,
+            source, dtype=runtime["dtype"], param_dtype=runtime["param_dtype"], remat=cfg.model.remat,
             lora=cfg.lora,
         )
         if cfg.model.vocab_size is not None and cfg.model.vocab_size != model.config.vocab_size:
@@ -388,7 +395,7 @@ def export(cfg: ExperimentConfig, out_dir: Path, model: T5, variables: dict[str,
     else:
         merged = lora_lib.merge_lora(variables["params"], variables["lora"], lora)
         hf_io.save_pretrained(model, merged, out_dir / "model", tokenizer)
-        if wants_pretrained(cfg) and not Path(cfg.model.name).is_dir():
+        if wants_pretrained(cfg) and not Path(model_source(cfg)).is_dir():
             base_name = cfg.model.name  # a hub id: PEFT fetches the base itself
         else:
             hf_io.save_pretrained(model, variables["params"], out_dir / "base", tokenizer)
