@@ -105,6 +105,13 @@ def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path):
     # (docs/benchmarks.md, "Offline demo").
     first_person_right = [first_person(p) in people(r) for p, r in examples]
     assert sum(first_person_right) >= 4, examples
+    # The trained demo is usable from the CLI: its config names the shipped base by name
+    # (model.name: demo-base), which `summarize` resolves again.
+    dialogue = "Anna: can you lend me your drill on Friday?\nTom: sure, I'll bring it\nAnna: thanks!"
+    used = subprocess.run([sys.executable, "-m", "fedjax_fm", "summarize", str(out), "--text", dialogue],
+                          cwd=REPO, env=readme_environment(), capture_output=True, text=True)
+    assert used.returncode == 0, used.stderr[-4000:]
+    assert f"loaded round {rounds} of" in used.stderr and used.stdout.strip()
     same_kind = platform.machine() == check["machine"] and os.cpu_count() == int(check["cpus"])
     if not same_kind:
         pytest.skip(f"params_sha256 is documented for {check['machine']} with {check['cpus']} CPUs; "
