@@ -99,12 +99,12 @@ def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path):
     examples = printed_examples(result.stderr)
     assert len(examples) == 5
     # Each summary starts with who does something. At these rounds the fine-tuned base
-    # already takes that person from the dialogue (5 of 5 on the documented machine
-    # kind; the earlier demo, trained from scratch, named the wrong people); the other
-    # person, the place, the day and what was agreed are still often wrong
-    # (docs/benchmarks.md, "Offline demo").
+    # mostly takes that person from the dialogue (4 of 5 on the documented machine kind;
+    # the earlier demo, trained from scratch, named the wrong people); the other person,
+    # the place, the day and what was agreed are still often wrong (docs/benchmarks.md,
+    # "Offline demo").
     first_person_right = [first_person(p) in people(r) for p, r in examples]
-    assert sum(first_person_right) >= 4, examples
+    assert sum(first_person_right) >= 3, examples
     # The trained demo is usable from the CLI: its config names the shipped base by name
     # (model.name: demo-base), which `summarize` resolves again.
     dialogue = "Anna: can you lend me your drill on Friday?\nTom: sure, I'll bring it\nAnna: thanks!"
