@@ -291,8 +291,8 @@ def test_batch_loss_weights_padding_examples_out():
 def test_gradients_match_pytorch_with_padding(tmp_path, flavour):
     """d loss / d params equals PyTorch's autograd, parameter by parameter (eval mode).
 
-    Covers the hand-written backward rules (e.g. ``add_batch_shared`` for the position
-    bias every block shares) as well as autodiff through masking and the tied head.
+    Covers the attention core's hand-written backward pass (including the gradient of
+    the position bias every block shares) as well as autodiff through the tied head.
     """
     hf_model, model, params = hf_checkpoint(tmp_path, flavour)
     input_ids, attention_mask, labels, decoder_attention_mask = padded_batch(np.random.default_rng(2))
