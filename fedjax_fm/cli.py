@@ -84,6 +84,13 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
+    from fedjax_fm.host_allocator import keep_freed_memory
+
+    try:
+        keep_freed_memory()  # before any compiled call allocates (fedjax_fm/host_allocator.py)
+    except ValueError as error:  # a bad FEDJAX_FM_HOST_ALLOCATOR
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

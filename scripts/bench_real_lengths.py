@@ -52,6 +52,12 @@ the same run, the bench prints how much of the step the attention core takes and
 examples' own attention FLOPs, ``ExampleFlops.attention``) could give, at today's
 attention speed and at the dense layers' speed (the ceiling).
 
+**Host allocator.** The JAX workers call ``fedjax_fm.host_allocator.keep_freed_memory``
+first, as the ``fedjax-fm`` command does (glibc keeps freed blocks for reuse instead of
+unmapping them; ``FEDJAX_FM_HOST_ALLOCATOR=system`` turns it off). The torch rows run
+with glibc's defaults, as a PyTorch user's script does; ``torch grouped + malloc kept``
+(run only when named) gives PyTorch the same setting, to show what it is worth there.
+
 Usage::
 
     python scripts/bench_real_lengths.py              # 3 clients x 4 steps (batch 8; packed: 6 rows)
@@ -294,6 +300,7 @@ ROWS = {
 # Diagnostic rows, run only when named in --rows (see "Ceiling rows" in the module docstring).
 CEILING_ROWS = {
     "fedjax_fm packed - attn core": ("jax", "packed-no-attention-core"),
+    "torch grouped + malloc kept": ("torch", "grouped-malloc-kept"),
 }
 DEFAULT_ROWS = tuple(ROWS)
 ROWS = {**ROWS, **CEILING_ROWS}
@@ -363,10 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     args.pack_tgt = max(args.pack_tgt, args.tgt_len)
     if args._worker:
         kind, variant = args._worker.split(":")
+        from fedjax_fm.host_allocator import keep_freed_memory
+
         if kind == "jax":
+            keep_freed_memory()  # as the fedjax-fm command does at start-up
             result = _worker_jax(args, variant.startswith("packed"), no_attention_core=variant.endswith("no-attention-core"))
         else:
-            result = _worker_torch(args, variant == "grouped")
+            if variant.endswith("malloc-kept"):
+                keep_freed_memory()
+            result = _worker_torch(args, variant.startswith("grouped"))
         print(json.dumps(result))
         return 0
 
@@ -393,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{name}] {r['version']}; {r['examples']:.0f} examples, {r['real_tokens']:.0f} real tokens "
               f"in {r['seconds']:.1f} s; load average now {os.getloadavg()[0]:.2f}", flush=True)
 
-    header = (f"{'row':<20}{'real tok/s':>11}{'pad eff':>9}{'peak MiB':>10}{'examples/s':>12}{'useful GFLOP/s':>16}"
+    width = max([20] + [len(name) + 1 for name in results])
+    header = (f"{'row':<{width}}{'real tok/s':>11}{'pad eff':>9}{'peak MiB':>10}{'examples/s':>12}{'useful GFLOP/s':>16}"
               f"{'exec GFLOP/s':>14}{'tok/exec GFLOP':>16}{'loss':>8}")
     print(header)
     print("-" * len(header))
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         r["mem"] = r["peak_rss_mib"] - r["baseline_rss_mib"]
         r["exec_rate"] = r["executed_flops"] / r["seconds"]  # how fast the machine runs the work
         r["tokens_per_flop"] = r["real_tokens"] / r["executed_flops"]  # what the layout wastes
-        print(f"{name:<20}{r['tps']:>11.0f}{r['padding_efficiency']:>9.3f}{r['mem']:>10.0f}"
+        print(f"{name:<{width}}{r['tps']:>11.0f}{r['padding_efficiency']:>9.3f}{r['mem']:>10.0f}"
               f"{r['examples'] / r['seconds']:>12.2f}{r['useful_flops'] / r['seconds'] / 1e9:>16.2f}"
               f"{r['exec_rate'] / 1e9:>14.2f}{r['tokens_per_flop'] * 1e9:>16.2f}{r['loss']:>8.3f}")
     torch_rows = [n for n in results if n.startswith("torch")]
