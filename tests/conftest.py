@@ -1,4 +1,5 @@
-"""Shared test settings: float32 matmuls on CPU and a few virtual devices for sharding tests."""
+"""Shared test settings: float32 matmuls on CPU, a few virtual devices for sharding tests, and
+a persistent compilation cache for modules whose runs compile the same steps."""
 
 import os
 
@@ -8,5 +9,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's runs (in-process and subprocesses)."""
+    directory = tmp_path_factory.mktemp("xla_cache")
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])

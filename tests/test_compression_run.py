@@ -23,7 +23,7 @@ from fedjax_fm import fl
 from fedjax_fm.config import ConfigError, load_config
 from fedjax_fm.training.checkpoint import CheckpointStore
 from fedjax_fm.training.experiment import Experiment, run_experiment
-from tests.test_experiment_run import REPO, TINY_YAML, _cli, _subprocess_env, compile_cache  # noqa: F401
+from tests.test_experiment_run import REPO, TINY_YAML, _cli, _subprocess_env
 
 TOPK = "federated.compression={name: topk, fraction: 0.05, error_feedback: true}"
 
@@ -65,7 +65,7 @@ def test_ffa_lora_without_lora_is_refused(tiny_config, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def topk_run(tiny_config, compile_cache, tmp_path_factory):  # noqa: F811
+def topk_run(tiny_config, compile_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "topk"
     summary = run_experiment(load_config(tiny_config, [TOPK]), out)
     return out, summary
@@ -111,7 +111,7 @@ def test_error_feedback_state_is_checkpointed_per_client(tiny_config, topk_run, 
     assert (per_client > 0).any(), "every residual is zero: error feedback kept nothing"
 
 
-def test_sigkill_and_resume_with_error_feedback_is_bit_identical(tiny_config, topk_run, compile_cache,  # noqa: F811
+def test_sigkill_and_resume_with_error_feedback_is_bit_identical(tiny_config, topk_run, compile_cache,
                                                                  tmp_path):
     _, reference = topk_run
     out = tmp_path / "killed"
@@ -135,7 +135,7 @@ def test_sigkill_and_resume_with_error_feedback_is_bit_identical(tiny_config, to
     assert [r["round"] for r in _rows(out)] == [0, 1, 2, 3, 4]
 
 
-def test_compression_changes_the_result_and_runs_vmapped(tiny_config, topk_run, compile_cache, tmp_path):  # noqa: F811
+def test_compression_changes_the_result_and_runs_vmapped(tiny_config, topk_run, compile_cache, tmp_path):
     """The codec is really applied (another fingerprint than without it), and the vmapped
     backend runs it too. (Its parameters are not compared with the sequential run's: the
     backends' deltas differ in the last bits, which can change top-k's choice of entries.)"""
@@ -178,7 +178,7 @@ def test_each_client_encodes_with_its_own_key_and_state(tiny_config, tmp_path):
         jax.tree.map(lambda x, y: np.testing.assert_array_equal(x[client], y[client]), before, after)
 
 
-def test_ffa_lora_run_never_changes_a_and_sends_half(tiny_config, compile_cache, tmp_path):  # noqa: F811
+def test_ffa_lora_run_never_changes_a_and_sends_half(tiny_config, compile_cache, tmp_path):
     cfg = load_config(tiny_config, ["federated.compression={name: ffa_lora}",
                                     "federated.server_optimizer.name=fedadamw",
                                     "federated.server_optimizer.weight_decay=0.1"])

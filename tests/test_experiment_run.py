@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -41,18 +40,6 @@ eval: {{every: 2, max_examples: 8, batch_size: 8, max_new_tokens: 8}}
 checkpoint: {{every: 2, keep: 2}}
 output: {{export: true, plots: true}}
 """
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's runs (in-process and subprocesses)."""
-    directory = tmp_path_factory.mktemp("xla_cache")
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 
 from fedjax_fm.cli import main as cli_main
@@ -56,17 +55,6 @@ output: {{export: false, plots: false}}
 """
 
 NOISE = ("Traceback", "Event loop is closed", "StepAlreadyExistsError")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("xla_cache")
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +97,10 @@ def _clean(stderr: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(config, cache, tmp_path_factory) -> tuple[Path, str]:
+def reference(config, compile_cache, tmp_path_factory) -> tuple[Path, str]:
     """One uninterrupted run: the params_sha256 every recovery must end with."""
     out = tmp_path_factory.mktemp("runs") / "reference"
-    done = _run(cache, str(config), "--out", str(out))
+    done = _run(compile_cache, str(config), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     return out, _sha(out)
 
@@ -147,13 +135,13 @@ def _largest_file(step: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite-4k", "delete"])
-def test_damaged_newest_checkpoint_is_moved_aside_and_resume_is_bit_identical(damage, reference, cache, tmp_path,
+def test_damaged_newest_checkpoint_is_moved_aside_and_resume_is_bit_identical(damage, reference, compile_cache, tmp_path,
                                                                               config):
     ref_out, ref_sha = reference
     out = _unfinished_copy(ref_out, tmp_path / "run")
     victim = _largest_file(out / "checkpoints" / "4")
     {"truncate": _truncate, "overwrite-4k": _overwrite_4k, "delete": Path.unlink}[damage](victim)
-    done = _run(cache, str(config), "--out", str(out), "--resume")
+    done = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     _clean(done.stderr)
     assert "checkpoints/4 is unreadable" in done.stderr and "moved aside to" in done.stderr
@@ -164,11 +152,11 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_resume_is_bit_identical(da
     assert [r["round"] for r in _rows(out)] == [0, 1, 2, 3, 4]
 
 
-def test_every_checkpoint_damaged_says_what_to_do(reference, cache, tmp_path, config):
+def test_every_checkpoint_damaged_says_what_to_do(reference, compile_cache, tmp_path, config):
     out = _unfinished_copy(reference[0], tmp_path / "run")
     for step in ("3", "4"):
         _truncate(_largest_file(out / "checkpoints" / step))
-    done = _run(cache, str(config), "--out", str(out), "--resume")
+    done = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert done.returncode == 2
     _clean(done.stderr)
     assert "no checkpoint under" in done.stderr and "could be restored" in done.stderr
@@ -177,17 +165,17 @@ def test_every_checkpoint_damaged_says_what_to_do(reference, cache, tmp_path, co
 
 
 @pytest.mark.parametrize("point", ["arrays", "meta", "manifest", "renamed"])
-def test_sigkill_during_a_save_then_resume_is_bit_identical(point, reference, cache, tmp_path, config):
+def test_sigkill_during_a_save_then_resume_is_bit_identical(point, reference, compile_cache, tmp_path, config):
     """The process kills itself (SIGKILL) at ``point`` of round 3's save (training/checkpoint.py)."""
     out = tmp_path / "run"
-    killed = _run(cache, str(config), "--out", str(out), env=_env(cache, **{_KILL_ENV: f"{point}:3"}))
+    killed = _run(compile_cache, str(config), "--out", str(out), env=_env(compile_cache, **{_KILL_ENV: f"{point}:3"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
     if point == "renamed":
         assert "3" in steps  # complete and in place; the older ones not pruned yet
     else:
         assert "3" not in steps and ".tmp-3" in steps  # never a half checkpoint under a round's name
-    done = _run(cache, str(config), "--out", str(out), "--resume")
+    done = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     _clean(done.stderr)
     assert "skipping checkpoint" not in done.stderr  # nothing damaged: the partial save was never a checkpoint
@@ -213,9 +201,9 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 240
         time.sleep(0.05)
 
 
-def test_sigint_finishes_the_round_in_flight_and_says_how_to_resume(reference, cache, tmp_path, config):
+def test_sigint_finishes_the_round_in_flight_and_says_how_to_resume(reference, compile_cache, tmp_path, config):
     out = tmp_path / "run"
-    proc, log = _start(cache, str(config), "--out", str(out))
+    proc, log = _start(compile_cache, str(config), "--out", str(out))
     _wait_for(proc, log, "round 1/4")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
@@ -230,14 +218,14 @@ def test_sigint_finishes_the_round_in_flight_and_says_how_to_resume(reference, c
     if "finished and checkpointed" in message[0]:
         finished = int(message[0].split("round ")[1].split("/")[0])
         assert str(finished) in {p.name for p in (out / "checkpoints").iterdir()}
-    done = _run(cache, str(config), "--out", str(out), "--resume")
+    done = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _sha(out) == reference[1]
 
 
-def test_sigterm_during_set_up_abandons_it_and_exits_143(reference, cache, tmp_path, config):
+def test_sigterm_during_set_up_abandons_it_and_exits_143(reference, compile_cache, tmp_path, config):
     out = tmp_path / "run"
-    proc, log = _start(cache, str(config), "--out", str(out))
+    proc, log = _start(compile_cache, str(config), "--out", str(out))
     _wait_for(proc, log, "fedjax-fm run ->")  # past the config: the handlers are installed
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
@@ -245,7 +233,7 @@ def test_sigterm_during_set_up_abandons_it_and_exits_143(reference, cache, tmp_p
     _clean(stderr)
     line = next(line for line in stderr.splitlines() if "interrupted by SIGTERM" in line)
     assert "--resume" in line
-    done = _run(cache, str(config), "--out", str(out), "--resume")
+    done = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _sha(out) == reference[1]
 
@@ -371,12 +359,12 @@ def test_natural_partition_client_count_names_federated_num_clients(capsys, tmp_
 
 
 @pytest.fixture(scope="module")
-def skip_invalid_run(cache, config, tmp_path_factory):
+def skip_invalid_run(compile_cache, config, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("skip")
     path = tmp / "data.jsonl"
     good = [json.dumps({"id": f"e{i}", "dialogue": f"A: hi {i}\nB: hello", "summary": "Greeting."}) for i in range(8)]
     path.write_text("\n".join(good[:4] + ["not json"] + good[4:]) + "\n")
-    done = _run(cache, str(config), "--out", str(tmp / "o"), "--quiet", *_file_source(path, "--set", "data.source.skip_invalid=true",
+    done = _run(compile_cache, str(config), "--out", str(tmp / "o"), "--quiet", *_file_source(path, "--set", "data.source.skip_invalid=true",
                 "--set", "federated.rounds=1", "--set", "eval.at_start=false"))
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr, path
@@ -394,8 +382,8 @@ def test_warnings_show_without_their_source_line(skip_invalid_run):
     assert "warnings.warn(" not in stderr and "local_files.py" not in stderr and "UserWarning" not in stderr
 
 
-def test_heavy_truncation_is_warned_with_counts(cache, config, tmp_path):
-    done = _run(cache, str(config), "--out", str(tmp_path / "o"), "--quiet", "--set", "data.max_input_length=4",
+def test_heavy_truncation_is_warned_with_counts(compile_cache, config, tmp_path):
+    done = _run(compile_cache, str(config), "--out", str(tmp_path / "o"), "--quiet", "--set", "data.max_input_length=4",
                 "--set", "federated.rounds=1", "--set", "eval.at_start=false")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: data.max_input_length=4 truncates 96 of 96 train inputs (100%" in done.stderr
@@ -405,10 +393,10 @@ def test_heavy_truncation_is_warned_with_counts(cache, config, tmp_path):
 # ------------------------------------------------------------------ poisoned clients, finished runs
 
 
-def test_rejected_clients_and_skipped_rounds_are_shown_and_counted(cache, config, tmp_path, capsys):
+def test_rejected_clients_and_skipped_rounds_are_shown_and_counted(compile_cache, config, tmp_path, capsys):
     out = tmp_path / "poisoned"
     # Full fine-tuning with SGD at 1e38 overflows every client's update: all rejected.
-    done = _run(cache, str(config), "--out", str(out), "--set", "lora=null", "--set", "federated.rounds=2",
+    done = _run(compile_cache, str(config), "--out", str(out), "--set", "lora=null", "--set", "federated.rounds=2",
                 "--set", "federated.local_optimizer.name=sgd", "--set", "federated.local_optimizer.learning_rate=1e38",
                 "--set", "eval.at_start=false")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -426,16 +414,16 @@ def test_rejected_clients_and_skipped_rounds_are_shown_and_counted(cache, config
     assert cells["rejected clients"] == "4" and cells["skipped rounds"] == "2"
 
 
-def test_resume_of_a_finished_run_refuses_unused_eval_changes_and_rewrites_nothing(reference, cache, tmp_path,
+def test_resume_of_a_finished_run_refuses_unused_eval_changes_and_rewrites_nothing(reference, compile_cache, tmp_path,
                                                                                   config):
     out = tmp_path / "finished"
     shutil.copytree(reference[0], out)
     before = {name: (out / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.jsonl")}
-    changed = _run(cache, str(config), "--out", str(out), "--resume", "--set", "eval.max_examples=4")
+    changed = _run(compile_cache, str(config), "--out", str(out), "--resume", "--set", "eval.max_examples=4")
     assert changed.returncode == 2
     _clean(changed.stderr)
     assert "already completed its 4 rounds" in changed.stderr and "eval.max_examples: 8 -> 4" in changed.stderr
-    same = _run(cache, str(config), "--out", str(out), "--resume")
+    same = _run(compile_cache, str(config), "--out", str(out), "--resume")
     assert same.returncode == 0, same.stderr[-3000:]
     assert "already completed its 4 rounds: nothing to do" in same.stderr
     assert json.loads(same.stdout)["params_sha256"] == reference[1]

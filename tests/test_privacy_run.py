@@ -25,7 +25,7 @@ from fedjax_fm.training.experiment import run_experiment
 from fedjax_fm.training.privacy import RunPrivacy
 from fedjax_fm.training.record import METRIC_FIELDS
 
-from test_experiment_run import REPO, TINY_YAML, _cli, _subprocess_env, compile_cache  # noqa: F401
+from test_experiment_run import REPO, TINY_YAML, _cli, _subprocess_env
 
 DP_SETS = [
     "federated.dp.noise_multiplier=0.8",
@@ -43,7 +43,7 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dp_run(tiny_config, compile_cache, tmp_path_factory):  # noqa: F811
+def dp_run(tiny_config, compile_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dp"
     summary = run_experiment(load_config(tiny_config, DP_SETS), out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -112,7 +112,7 @@ def test_model_card_names_the_right_figures(dp_run):
     assert "`tiny` (random initialisation)" in card and "lora(r=4)" in card
 
 
-def test_lineage_verify_cli_passes_then_fails_on_one_byte_edits(dp_run, compile_cache, tmp_path):  # noqa: F811
+def test_lineage_verify_cli_passes_then_fails_on_one_byte_edits(dp_run, compile_cache, tmp_path):
     out, _, _ = dp_run
     ok = _lineage_verify(out, compile_cache)
     assert ok.returncode == 0, ok.stderr.decode()[-2000:]
@@ -138,7 +138,7 @@ def test_lineage_verify_cli_passes_then_fails_on_one_byte_edits(dp_run, compile_
     assert bad.returncode == 1 and b"final parameters" in bad.stderr, bad.stderr
 
 
-def test_sigkill_and_resume_keeps_epsilon_and_lineage(dp_run, tiny_config, compile_cache, tmp_path):  # noqa: F811
+def test_sigkill_and_resume_keeps_epsilon_and_lineage(dp_run, tiny_config, compile_cache, tmp_path):
     reference_dir, reference, reference_rows = dp_run
     out = tmp_path / "killed"
     env = _subprocess_env(compile_cache)
@@ -164,7 +164,7 @@ def test_sigkill_and_resume_keeps_epsilon_and_lineage(dp_run, tiny_config, compi
     assert (out / "lineage.jsonl").read_bytes() == (reference_dir / "lineage.jsonl").read_bytes()
 
 
-def test_full_fine_tuning_vmapped_fixed_sampling(tiny_config, compile_cache, tmp_path):  # noqa: F811
+def test_full_fine_tuning_vmapped_fixed_sampling(tiny_config, compile_cache, tmp_path):
     cfg = load_config(tiny_config, [
         "lora=null", "federated.backend=vmap", "federated.rounds=2", "federated.dp.sampling=fixed",
         "federated.dp.noise_multiplier=1.0", "federated.dp.target_epsilon=1000", "eval.at_start=false",
@@ -180,7 +180,7 @@ def test_full_fine_tuning_vmapped_fixed_sampling(tiny_config, compile_cache, tmp
     assert summary["lineage"]["entries"] == 2
 
 
-def test_target_epsilon_stops_the_run(tiny_config, compile_cache, tmp_path):  # noqa: F811
+def test_target_epsilon_stops_the_run(tiny_config, compile_cache, tmp_path):
     cfg = load_config(tiny_config, ["federated.dp.noise_multiplier=1.0", "eval.at_start=false",
                                     "output.export=false", "output.plots=false", "federated.dp.target_epsilon=6.0",
                                     "checkpoint.every=3"])
@@ -211,7 +211,7 @@ def test_refused_dp_configs(tiny_config, sets, message):
     assert str(error.value).startswith("federated.dp: refused: ")
 
 
-def test_refused_config_from_the_cli(tiny_config, compile_cache, tmp_path):  # noqa: F811
+def test_refused_config_from_the_cli(tiny_config, compile_cache, tmp_path):
     result = subprocess.run(
         _cli("run", str(tiny_config), "--out", str(tmp_path / "x"), "--set", "federated.dp.noise_multiplier=1",
              "--set", "federated.weighting=examples"),
