@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -172,8 +173,23 @@ def test_environment_records_versions_and_devices():
     assert env["devices"]["device_kinds"] and env["devices"]["backend"]
     assert env["fedjax_fm"]["version"]
     assert "xla_flags" in env
+    assert env["host_cpu"]["logical_cpus"] and len(env["host_cpu"]["isa_signature"]) == 12
     json.dumps(env)  # JSON-ready
     assert environment() == env  # deterministic on one machine
+
+
+def test_host_cpu_reads_the_instruction_sets_from_cpuinfo():
+    from fedjax_fm.training.environment import host_cpu
+
+    text = ("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 sse2 avx512f lm fma\n\n"
+            "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 sse2 avx512f lm fma\n")
+    cpu = host_cpu(text)
+    assert cpu["isa"] == ["avx2", "avx512f", "fma", "sse2"]  # ISA flags only, sorted, first processor
+    assert cpu["model"] in ("Some Xeon", platform.processor())
+    without_avx512 = host_cpu(text.replace(" avx512f", ""))
+    assert without_avx512["isa_signature"] != cpu["isa_signature"]  # a different rounding kind
+    assert host_cpu(text)["isa_signature"] == cpu["isa_signature"]
+    assert host_cpu("")["isa"] == []
 
 
 def test_per_client_summary():

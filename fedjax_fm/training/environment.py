@@ -1,13 +1,16 @@
 """The software and hardware a run's numbers depend on, as one JSON-ready dict.
 
 Bit-identical parameters are promised for the same config, seed *and machine*:
-the versions of the numerical stack, the device kind and ``XLA_FLAGS`` all change
-the floating-point results. ``environment()`` records them once, for both
+the versions of the numerical stack, the device kind, the host CPU's instruction sets
+(XLA:CPU compiles for the features of the CPU it runs on: two x86-64 machines with and
+without AVX-512 round differently) and ``XLA_FLAGS`` all change the floating-point
+results. ``environment()`` records them once, for both
 ``summary.json`` and the lineage record (``training/lineage.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -94,8 +97,44 @@ def devices() -> dict[str, Any]:
     }
 
 
+# /proc/cpuinfo flags that name vector or arithmetic instruction sets LLVM may use when
+# XLA:CPU compiles for the host ("avx512f", "avx512_bf16", "amx_tile", "fma", ...).
+_ISA_FLAG_PREFIXES: tuple[str, ...] = ("sse", "ssse", "avx", "amx", "fma", "f16c", "asimd", "sve", "neon")
+
+
+def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The host CPU: ``{"model", "logical_cpus", "isa", "isa_signature"}``.
+
+    ``isa`` lists the instruction-set flags of ``/proc/cpuinfo`` (first processor) that
+    XLA:CPU's code generation may use, sorted; ``isa_signature`` is the first 12 hex
+    digits of SHA-256 over them, a short name for "same vector instructions" (empty
+    list, and the signature of nothing, where ``/proc/cpuinfo`` is absent). ``cpuinfo``:
+    the file's text, for tests.
+    """
+    model = platform.processor() or None
+    flags: list[str] = []
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and model in (None, "", platform.machine()):
+            model = value.strip() or model
+        elif key in ("flags", "features") and not flags:
+            flags = sorted({f for f in value.split() if f.startswith(_ISA_FLAG_PREFIXES)})
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "isa": flags,
+        "isa_signature": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12],
+    }
+
+
 def environment() -> dict[str, Any]:
-    """The run's environment: python, package versions, fedjax_fm's source, devices, XLA_FLAGS.
+    """The run's environment: python, package versions, fedjax_fm's source, devices, host CPU, XLA_FLAGS.
 
     Deterministic on a given machine and checkout (no timestamps, no host names), so
     two runs on the same machine record equal dicts — which lineage relies on.
@@ -107,6 +146,7 @@ def environment() -> dict[str, Any]:
         "packages": package_versions(),
         "fedjax_fm": package_source(),
         "devices": devices(),
+        "host_cpu": host_cpu(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "executable": sys.executable,
     }
