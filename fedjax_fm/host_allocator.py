@@ -14,8 +14,9 @@ which ``free`` keeps for the next request) and ``M_TRIM_THRESHOLD`` to 2 GiB (fr
 memory at the top of the heap is returned to the system only beyond that). Peak memory
 is what it was (+1 % measured); memory freed after the peak is not handed back.
 
-The ``fedjax-fm`` command calls it once at start-up, and so do the benchmark scripts'
-JAX workers. A script that drives the Python API can call it first thing. It only acts
+The ``fedjax-fm`` command calls it once at start-up, the Flower ClientApp before each
+device's training (``deploy/apps.py``), and so do the JAX workers of
+``scripts/bench_model.py`` and ``scripts/bench_real_lengths.py``. A script that drives the Python API can call it first thing. It only acts
 on Linux with glibc; set ``FEDJAX_FM_HOST_ALLOCATOR=system`` to leave ``malloc`` alone.
 """
 

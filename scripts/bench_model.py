@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
+        if args._worker == "jax":
+            from fedjax_fm.host_allocator import keep_freed_memory
+
+            keep_freed_memory()  # as the fedjax-fm command does at start-up (since 2026-11-30)
         result = _worker_jax(args) if args._worker == "jax" else _worker_torch(args)
         print(json.dumps(result))
         return 0

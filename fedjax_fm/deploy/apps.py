@@ -132,7 +132,9 @@ class NodeClient(Client):
 
     def fit(self, ins: FitIns) -> FitRes:
         from fedjax_fm.config import load_config
+        from fedjax_fm.host_allocator import keep_freed_memory
 
+        keep_freed_memory()  # as the fedjax-fm command does: XLA:CPU's step buffers stop page-faulting
         _use_compilation_cache()
         cfg = load_config(self.config_path, _lines(ins.config.get("overrides")) + list(self.device_overrides))
         return self.device_client(cfg).fit(ins)
