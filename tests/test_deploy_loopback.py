@@ -437,6 +437,7 @@ def test_loopback_equals_simulation_and_resumes(federation):
     assert summary["rejected_devices"] == [{"node_id": str(mallet), "claimed": "alice"}]
 
 
+@pytest.mark.drill  # minutes long: not in the README's test command (pyproject.toml)
 def test_device_killed_hung_and_nan_update_do_not_break_the_round(tmp_path):
     """Round 2: carol's device (SuperNode and all) is SIGKILLed mid-training, dave's hangs
     (alive, never answers: ``--round-timeout`` gives up on it), bob sends NaN; alice's
@@ -604,6 +605,7 @@ def _within(got, want, bound: float) -> float:
     return largest
 
 
+@pytest.mark.drill  # minutes long: not in the README's test command (pyproject.toml)
 def test_secure_aggregation_matches_the_plain_run_within_the_bound_with_dp_and_a_dropout(tmp_path):
     """Two SecAgg+ runs on one federation of alice, bob and carol (drill app: carol's device
     is SIGKILLed in the training of round 2 of a run, i.e. between SecAgg+'s key sharing and
