@@ -17,7 +17,7 @@ from fedjax_fm.cli import main
 from fedjax_fm.config import load_config
 from fedjax_fm.data.local_files import write_jsonl
 from fedjax_fm.training.experiment import run_experiment
-from fedjax_fm.training.use import evaluate, load_trained, summarize
+from fedjax_fm.training.use import load_trained, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
