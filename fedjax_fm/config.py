@@ -104,6 +104,9 @@ class ServerOptimizerSection:
     adaptive optimisers of Reddi et al. (2021) with ``b1``, ``b2`` and ``tau`` (their
     ε). ``variant``: ``reddi`` = the published update (no bias correction,
     ``v_0 = tau²``), ``optax`` = optax's stock transform with ``eps = tau``.
+    ``schedule``: ``constant`` keeps ``learning_rate``; ``cosine`` anneals it over the
+    run's ``federated.rounds`` server steps to ``final_fraction`` of itself
+    (``fl.server_learning_rate``).
     """
 
     name: Literal["fedavg", "fedavgm", "fedadam", "fedadamw", "fedyogi", "fedadagrad"] = "fedadam"
@@ -114,9 +117,13 @@ class ServerOptimizerSection:
     tau: float = 1e-2
     weight_decay: float = 0.0
     variant: Literal["reddi", "optax"] = "reddi"
+    schedule: Literal["constant", "cosine"] = "constant"
+    final_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         _positive("federated.server_optimizer.learning_rate", self.learning_rate)
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ConfigError(f"federated.server_optimizer.final_fraction must be in [0, 1], got {self.final_fraction}")
         _positive("federated.server_optimizer.tau", self.tau)
         _not_negative("federated.server_optimizer.weight_decay", self.weight_decay)
         for key in ("momentum", "b1", "b2"):

@@ -50,3 +50,31 @@ def test_resume_mismatches_allow_more_rounds_only():
     assert resume_mismatches(saved, {"seed": 0, "federated": {"rounds": 9, "batch_size": 8}, "eval": {"every": 3}}) == []
     assert resume_mismatches(saved, {"seed": 1, "federated": {"rounds": 5, "batch_size": 4}, "eval": {"every": 1}}) == [
         "federated.batch_size: 8 -> 4", "seed: 0 -> 1"]
+
+
+def test_resume_refuses_other_rounds_under_a_server_learning_rate_schedule():
+    """A cosine schedule spans federated.rounds: extending such a run would change the rates
+    of the rounds still to come, so the count must match; without a schedule it may change."""
+    def config(rounds, schedule):
+        return {"seed": 0, "federated": {"rounds": rounds, "server_optimizer": {"schedule": schedule}}}
+
+    assert resume_mismatches(config(5, "constant"), config(9, "constant")) == []
+    assert resume_mismatches(config(5, "cosine"), config(5, "cosine")) == []
+    assert resume_mismatches(config(5, "cosine"), config(9, "cosine")) == ["federated.rounds: 5 -> 9"]
+    assert resume_mismatches(config(5, "constant"), config(9, "cosine")) == [
+        "federated.rounds: 5 -> 9", "federated.server_optimizer.schedule: 'constant' -> 'cosine'"]
+
+
+
+def test_resume_reads_the_saved_config_with_todays_defaults():
+    """A run saved before a key existed (here: the server schedule) resumes: the missing
+    key compares as its default, and a real change is still caught."""
+    from fedjax_fm.config import ExperimentConfig, config_to_dict
+
+    current = config_to_dict(ExperimentConfig())
+    saved = config_to_dict(ExperimentConfig())
+    for key in ("schedule", "final_fraction"):
+        del saved["federated"]["server_optimizer"][key]
+    assert resume_mismatches(saved, current) == []
+    current["federated"]["server_optimizer"]["schedule"] = "cosine"
+    assert resume_mismatches(saved, current) == ["federated.server_optimizer.schedule: 'constant' -> 'cosine'"]

@@ -130,3 +130,50 @@ def test_registry_errors_name_the_problem():
     with pytest.raises(ValueError, match="variant"):
         fl.server_optimizer("fedadam", variant="adam")
     assert set(fl.SERVER_OPTIMIZERS) == {"fedavg", "fedavgm", "fedadam", "fedadamw", "fedyogi", "fedadagrad"}
+
+
+def test_cosine_server_learning_rate_known_values_and_errors():
+    assert fl.server_learning_rate(0.1) == 0.1
+    schedule = fl.server_learning_rate(0.1, "cosine", 8, final_fraction=0.2)
+    expected = {0: 0.1, 2: 0.1 * (0.2 + 0.8 * (1 + np.cos(np.pi / 4)) / 2), 4: 0.1 * 0.6, 8: 0.02, 12: 0.02}
+    for t, eta in expected.items():
+        np.testing.assert_allclose(float(schedule(t)), eta, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        fl.server_learning_rate(0.1, "linear", 8)
+    with pytest.raises(ValueError, match="total_steps"):
+        fl.server_learning_rate(0.1, "cosine", 0)
+    with pytest.raises(ValueError, match="final_fraction"):
+        fl.server_learning_rate(0.1, "cosine", 8, final_fraction=1.5)
+
+
+@pytest.mark.parametrize("variant", ["reddi", "optax"])
+def test_cosine_schedule_scales_each_applied_server_step(variant):
+    """Under the schedule every server step is η_t / η times the constant-rate step (the
+    same optimiser state otherwise), for each optimiser form; a skipped round
+    (``apply_pseudo_gradient`` with ``applied`` false) neither moves the parameters nor
+    advances the schedule."""
+    grads = [{"x": jnp.asarray(g, jnp.float32)} for g in pseudo_gradients()]
+    eta = fl.server_learning_rate(LR, "cosine", 4, final_fraction=0.0)
+    for name in ("fedavg", "fedadam", "fedyogi"):
+        kwargs = {} if name == "fedavg" else {"variant": variant}
+        constant = fl.server_optimizer(name, learning_rate=LR, **kwargs)
+        scheduled = fl.server_optimizer(name, learning_rate=eta, **kwargs)
+        params = {"x": jnp.ones((3, 4))}
+        s_c = constant.init(params)
+        state = fl.ServerState(params, scheduled.init(params), jnp.int32(0), jax.random.PRNGKey(0))
+        applied_steps = 0
+        for t, g in enumerate(grads):
+            if t == 1:  # a skipped round
+                after = fl.apply_pseudo_gradient(scheduled, state, g, jnp.asarray(False))
+                np.testing.assert_array_equal(after.params["x"], state.params["x"])
+                same = jax.tree.map(lambda a, b: np.array_equal(a, b), after.opt_state, state.opt_state)
+                assert all(jax.tree.leaves(same)), f"{name}: a skipped round changed the optimiser state"
+                state = after
+                continue
+            u_c, s_c = constant.update(g, s_c, params)
+            after = fl.apply_pseudo_gradient(scheduled, state, g, jnp.asarray(True))
+            ratio = float(eta(applied_steps)) / LR
+            np.testing.assert_allclose(after.params["x"] - state.params["x"], ratio * u_c["x"], rtol=2e-5, atol=1e-7,
+                                       err_msg=f"{name} step {t}")
+            state, applied_steps = after, applied_steps + 1
+        assert applied_steps == len(grads) - 1 and int(state.round) == len(grads)

@@ -91,6 +91,7 @@ from fedjax_fm.fl.server_optimizers import (
     fedavgm,
     fedyogi,
     scale_by_reddi_adaptive,
+    server_learning_rate,
     server_optimizer,
 )
 
@@ -159,6 +160,7 @@ __all__ = [
     "roundtrip",
     "sample_clients",
     "scale_by_reddi_adaptive",
+    "server_learning_rate",
     "server_optimizer",
     "split_variables",
     "take_client_states",

@@ -194,6 +194,37 @@ def fedadagrad(
     return optax.chain(scale_by_reddi_adaptive("adagrad", b1, 0.0, tau), optax.scale_by_learning_rate(learning_rate))
 
 
+def server_learning_rate(
+    learning_rate: float,
+    schedule: Literal["constant", "cosine"] = "constant",
+    total_steps: int = 1,
+    final_fraction: float = 0.1,
+) -> ScalarOrSchedule:
+    """The server learning rate ``η_t`` of applied server step ``t`` (0-based).
+
+    ``constant``: ``η_t = η``. ``cosine`` (Loshchilov & Hutter's annealing without
+    restarts, ``optax.cosine_decay_schedule``) over ``T = total_steps`` steps::
+
+        η_t = η (f + (1 - f) (1 + cos(π min(t, T) / T)) / 2)
+
+    from ``η`` at ``t = 0`` down to ``f η`` (``f = final_fraction``) at ``t = T`` and
+    after. Why: an adaptive server step has a size of about ``η`` per coordinate however
+    small the clients' deltas become, so a rate that learns fast early keeps the model
+    jumping around the optimum at the end; annealing it lets the last rounds settle.
+    ``t`` counts the steps the server applied (a skipped round leaves the optimiser
+    state, and so its step count, unchanged).
+    """
+    if schedule == "constant":
+        return learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'constant' or 'cosine'")
+    if total_steps < 1:
+        raise ValueError(f"a cosine schedule needs total_steps >= 1, got {total_steps}")
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}")
+    return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=final_fraction)
+
+
 def _check_variant(variant: str) -> None:
     if variant not in ("reddi", "optax"):
         raise ValueError(f"unknown server optimiser variant {variant!r}; expected 'reddi' or 'optax'")

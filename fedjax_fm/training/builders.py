@@ -223,16 +223,18 @@ def build_data(cfg: ExperimentConfig, tokenizer: Any, *, on_demand: bool = False
 
 
 def server_optimizer_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The keyword arguments of ``fl.server_optimizer(name, ...)`` that the named optimiser takes."""
+    """The keyword arguments of ``fl.server_optimizer(name, ...)`` that the named optimiser takes;
+    the learning rate is a schedule over ``federated.rounds`` when ``schedule`` is not ``constant``."""
     s = cfg.federated.server_optimizer
-    adaptive = dict(learning_rate=s.learning_rate, b1=s.b1, b2=s.b2, tau=s.tau, variant=s.variant)
+    lr = fl.server_learning_rate(s.learning_rate, s.schedule, cfg.federated.rounds, s.final_fraction)
+    adaptive = dict(learning_rate=lr, b1=s.b1, b2=s.b2, tau=s.tau, variant=s.variant)
     return {
-        "fedavg": dict(learning_rate=s.learning_rate),
-        "fedavgm": dict(learning_rate=s.learning_rate, momentum=s.momentum),
+        "fedavg": dict(learning_rate=lr),
+        "fedavgm": dict(learning_rate=lr, momentum=s.momentum),
         "fedadam": adaptive,
         "fedadamw": dict(adaptive, weight_decay=s.weight_decay),
         "fedyogi": adaptive,
-        "fedadagrad": dict(learning_rate=s.learning_rate, b1=s.b1, tau=s.tau, variant=s.variant),
+        "fedadagrad": dict(learning_rate=lr, b1=s.b1, tau=s.tau, variant=s.variant),
     }[s.name]
 
 

@@ -162,7 +162,7 @@ class Experiment:
             f"{self.num_trainable:,} trainable of {self.num_params:,} parameters; "
             f"{self.data.num_clients} clients, {cfg.federated.clients_per_round} per round, "
             f"{self.data.steps_per_round} local steps of {self.data.batch_size}; "
-            f"server {cfg.federated.server_optimizer.name}; set up in {time.perf_counter() - t0:.1f} s"
+            f"server {_server_description(cfg)}; set up in {time.perf_counter() - t0:.1f} s"
         )
 
     # -- pieces of a round ---------------------------------------------------------
@@ -485,6 +485,14 @@ class Experiment:
             for k, (prediction, reference) in enumerate(last[:5], 1):
                 self.say(f"  {k}. {prediction}")
                 self.say(f"     {reference}")
+
+
+def _server_description(cfg: ExperimentConfig) -> str:
+    """``fedadam`` or, under a schedule, ``fedadam (learning rate 0.1, cosine to 0.1x over 40 rounds)``."""
+    s = cfg.federated.server_optimizer
+    if s.schedule == "constant":
+        return s.name
+    return f"{s.name} (learning rate {s.learning_rate:g}, {s.schedule} to {s.final_fraction:g}x over {cfg.federated.rounds} rounds)"
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import yaml
 
-from fedjax_fm.config import ExperimentConfig, config_to_dict, dump_config
+from fedjax_fm.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, dump_config
 from fedjax_fm.energy.comm import CommCost, NetworkProfile, client_comm_cost, granularity, round_comm_cost
 from fedjax_fm.energy.meter import CallRecord, safe_div, sum_records
 from fedjax_fm.training.checkpoint import CheckpointStore
@@ -189,15 +189,35 @@ def _flatten(d: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]
     return {prefix: d}
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return config_to_dict(config_from_dict(config))
+    except (ConfigError, TypeError, ValueError):
+        return config  # not loadable by today's schema: compare what it says
+
+
+def _server_schedule(config: dict[str, Any]) -> str:
+    return ((config.get("federated") or {}).get("server_optimizer") or {}).get("schedule", "constant")
+
+
 def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys (dotted) whose value differs between a run's saved config and the current one."""
+    """Keys (dotted) whose value differs between a run's saved config and the current one.
+
+    ``federated.rounds`` may change (a run extended or cut short), except under a server
+    learning-rate schedule: that spans the rounds, so another count would give rounds
+    that no uninterrupted run of either length has. Both configs are read through today's
+    schema first, so a key added since the run began compares as its default."""
+    saved, current = _with_defaults(saved), _with_defaults(current)
+    may_change = set(_RESUME_MAY_CHANGE)
+    if "constant" != _server_schedule(saved) or "constant" != _server_schedule(current):
+        may_change.discard(("federated", "rounds"))
     saved_flat = {k: v for k, v in _flatten(saved).items() if k and k[0] in _RESUME_MUST_MATCH}
     current_flat = {k: v for k, v in _flatten(current).items() if k and k[0] in _RESUME_MUST_MATCH}
     keys = sorted(set(saved_flat) | set(current_flat))
     return [
         f"{'.'.join(k)}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}"
         for k in keys
-        if k not in _RESUME_MAY_CHANGE and saved_flat.get(k) != current_flat.get(k)
+        if k not in may_change and saved_flat.get(k) != current_flat.get(k)
     ]
 
 
@@ -244,7 +264,8 @@ class RunRecorder:
             if mismatches:
                 raise RunError(
                     f"--resume: the config differs from the one {self.out_dir} was started with "
-                    f"({saved_path}); only federated.rounds and the eval/energy/checkpoint/output "
+                    f"({saved_path}); only federated.rounds (not under a server learning-rate "
+                    "schedule, which spans the rounds) and the eval/energy/checkpoint/output "
                     "sections may change:\n  " + "\n  ".join(mismatches)
                 )
         dump_config(self.cfg, saved_path)
