@@ -209,7 +209,7 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     schema first, so a key added since the run began compares as its default."""
     saved, current = _with_defaults(saved), _with_defaults(current)
     may_change = set(_RESUME_MAY_CHANGE)
-    if "constant" != _server_schedule(saved) or "constant" != _server_schedule(current):
+    if _server_schedule(saved) != "constant" or _server_schedule(current) != "constant":
         may_change.discard(("federated", "rounds"))
     saved_flat = {k: v for k, v in _flatten(saved).items() if k and k[0] in _RESUME_MUST_MATCH}
     current_flat = {k: v for k, v in _flatten(current).items() if k and k[0] in _RESUME_MUST_MATCH}
