@@ -48,7 +48,8 @@ data:
   source: {{num_train: 96, num_eval: 8}}
   max_input_length: 64
   max_target_length: 48
-federated: {{rounds: 4, num_clients: 4, clients_per_round: 2, local_steps: 2, batch_size: 4}}
+federated: {{rounds: 4, num_clients: 4, clients_per_round: 2, local_steps: 2, batch_size: 4,
+            server_optimizer: {{name: fedadam, learning_rate: 0.1, b1: 0.9, b2: 0.99, tau: 1.0e-2, variant: reddi}}}}
 eval: {{every: 2, max_examples: 8, batch_size: 8, max_new_tokens: 8}}
 checkpoint: {{every: 1, keep: 2}}
 output: {{export: false, plots: false}}

@@ -30,7 +30,8 @@ data:
   source: {{num_train: 64, num_eval: 6}}
   max_input_length: 64
   max_target_length: 16
-federated: {{rounds: 2, num_clients: 2, clients_per_round: 2, local_steps: 2, batch_size: 4}}
+federated: {{rounds: 2, num_clients: 2, clients_per_round: 2, local_steps: 2, batch_size: 4,
+            server_optimizer: {{name: fedadam, learning_rate: 0.1, b1: 0.9, b2: 0.99, tau: 1.0e-2, variant: reddi}}}}
 eval: {{every: 2, at_start: false, max_examples: 6, batch_size: 6, max_new_tokens: 6}}
 output: {{export: true, plots: false, progress: false}}
 """
