@@ -1,7 +1,8 @@
-"""The attention core's hand-written backward pass equals autodiff of the plain expression.
+"""The XLA attention core's hand-written backward pass equals autodiff of the plain expression.
 
-``layers.attention_weights_and_output`` has a custom VJP (FlashAttention's equations);
-these tests compare it with ``jax.grad`` through the textbook formula, for every input
+``layers.xla_attention`` (what ``attention_weights_and_output`` runs off the CPU, in
+bfloat16 or with dropout; ``test_cpu_attention.py`` covers the fused CPU kernel) has a
+custom VJP (FlashAttention's equations); these tests compare it with ``jax.grad`` through the textbook formula, for every input
 that can carry a gradient (q, k, v and the position bias), with and without dropout,
 with a bias shared by the batch or per row, with fully masked (all-padding) rows, and
 in bfloat16.
@@ -58,7 +59,7 @@ def grads(fn, q, k, v, bias, mask, **kwargs):
 def test_backward_matches_autodiff(bias_batch, dropout):
     q, k, v, bias, mask = inputs(bias_batch=bias_batch)
     seed = jnp.array([7, 11], jnp.uint32)
-    ours = grads(layers.attention_weights_and_output, q, k, v, bias, mask,
+    ours = grads(layers.xla_attention, q, k, v, bias, mask,
                  **(dict(dropout_seed=seed, dropout_rate=0.25) if dropout else {}))
     expected = grads(reference, q, k, v, bias, mask, **(dict(seed=seed, rate=0.25) if dropout else {}))
     for name, a, b in zip("qkv", ours[:3], expected[:3]):
@@ -72,14 +73,14 @@ def test_backward_matches_autodiff(bias_batch, dropout):
 
 def test_forward_is_the_plain_expression():
     q, k, v, bias, mask = inputs()
-    np.testing.assert_array_equal(layers.attention_weights_and_output(q, k, v, bias, mask),
+    np.testing.assert_array_equal(layers.xla_attention(q, k, v, bias, mask),
                                   reference(q, k, v, bias, mask))
 
 
 def test_cross_attention_shapes_and_no_bias():
     """Queries shorter than keys (cross attention) and no bias, no mask."""
     q, k, v, _, _ = inputs(q_len=5)
-    ours = jax.grad(lambda q, k, v: layers.attention_weights_and_output(q, k, v, None, None).sum(),
+    ours = jax.grad(lambda q, k, v: layers.xla_attention(q, k, v, None, None).sum(),
                     argnums=(0, 1, 2))(q, k, v)
     expected = jax.grad(lambda q, k, v: reference(q, k, v, None, None).sum(), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, expected):
@@ -88,7 +89,7 @@ def test_cross_attention_shapes_and_no_bias():
 
 def test_bfloat16_close_to_float32():
     q, k, v, bias, mask = inputs()
-    half = grads(layers.attention_weights_and_output, *(x.astype(jnp.bfloat16) for x in (q, k, v)), bias, mask)
+    half = grads(layers.xla_attention, *(x.astype(jnp.bfloat16) for x in (q, k, v)), bias, mask)
     full = grads(reference, q, k, v, bias, mask)
     for name, a, b in zip("qkvb", half, full):
         assert a.dtype == (jnp.float32 if name == "b" else jnp.bfloat16)
@@ -101,7 +102,7 @@ def test_vmap_over_clients_matches_one_by_one():
     stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
 
     def grad_q(q, k, v):
-        return jax.grad(lambda q: layers.attention_weights_and_output(q, k, v, bias, mask).sum())(q)
+        return jax.grad(lambda q: layers.xla_attention(q, k, v, bias, mask).sum())(q)
 
     batched = jax.vmap(grad_q)(*stacked)
     for i in range(2):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_fm.models import cpu_attention
 from fedjax_fm.models.config import LoraConfig, T5Config
 
 Array = jax.Array
@@ -299,6 +300,25 @@ def _attention_bwd(rate, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def xla_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None,
+    mask: Array | None,
+    dropout_seed: Array | None = None,
+    dropout_rate: float = 0.0,
+) -> Array:
+    """``attention_weights_and_output`` as XLA ops, on every backend and dtype.
+
+    The backward pass is hand-written (``_attention_bwd``); the forward pass computes
+    exactly what the plain expression does.
+    """
+    if dropout_seed is None or dropout_rate <= 0.0:
+        dropout_seed, dropout_rate = None, 0.0
+    return _attention(query, key, value, bias, mask, dropout_seed, float(dropout_rate))
+
+
 def attention_weights_and_output(
     query: Array,
     key: Array,
@@ -316,12 +336,14 @@ def attention_weights_and_output(
     mask and softmax are float32; the weighted sum runs in the value's dtype. With a
     ``dropout_seed`` the attention weights are dropped out at ``dropout_rate``.
 
-    The backward pass is hand-written (``_attention_bwd``); the forward pass computes
-    exactly what the plain expression does.
+    On the CPU, in float32 and without dropout, one fused kernel computes it
+    (``cpu_attention``: blocks that stay in cache, and only the keys the mask shows);
+    otherwise ``xla_attention`` does.
     """
-    if dropout_seed is None or dropout_rate <= 0.0:
-        dropout_seed, dropout_rate = None, 0.0
-    return _attention(query, key, value, bias, mask, dropout_seed, float(dropout_rate))
+    active_dropout = dropout_seed is not None and dropout_rate > 0.0
+    if not active_dropout and cpu_attention.usable(query, key, value, bias, mask):
+        return cpu_attention.attention(query, key, value, bias, mask)
+    return xla_attention(query, key, value, bias, mask, dropout_seed, dropout_rate)
 
 
 class T5Attention(nn.Module):

@@ -134,11 +134,14 @@ def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """The run's environment: python, package versions, fedjax_fm's source, devices, host CPU, XLA_FLAGS.
+    """The run's environment: python, package versions, fedjax_fm's source, devices, host CPU, XLA_FLAGS
+    and whether the fused CPU attention kernel runs (``models.cpu_attention.status``).
 
     Deterministic on a given machine and checkout (no timestamps, no host names), so
     two runs on the same machine record equal dicts — which lineage relies on.
     """
+    from fedjax_fm.models import cpu_attention  # imports jax, as devices() does
+
     return {
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
@@ -148,5 +151,6 @@ def environment() -> dict[str, Any]:
         "devices": devices(),
         "host_cpu": host_cpu(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "cpu_attention": cpu_attention.status(),
         "executable": sys.executable,
     }
