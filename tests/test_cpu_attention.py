@@ -124,6 +124,24 @@ def test_forward_and_gradients_equal_the_plain_expression(case, head_size):
                  value_and_grads(reference, q, k, v, bias, mask), f"{case}, head size {head_size}")
 
 
+def test_a_frozen_bias_skips_its_gradient_and_the_rest_is_unchanged():
+    """LoRA: the position bias comes from frozen parameters, so the backward pass
+    skips the bias gradient; q, k and v get the same gradients, bit for bit."""
+    q, k, v, bias, mask = encoder_case(32)
+    weight = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v, bias):
+        return jnp.sum(cpu_attention.attention(q, k, v, bias, mask) * weight)
+
+    with_bias_grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    frozen = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, bias)
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, bias).as_text()
+    assert "bias_grad = 0" in lowered and "bias_grad = 1" not in lowered
+    assert "bias_grad = 1" in jax.jit(jax.grad(loss, argnums=3)).lower(q, k, v, bias).as_text()
+    for name, a, b in zip("qkv", frozen, with_bias_grad[:3]):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_fully_masked_rows_are_uniform_and_get_no_query_gradient():
     q, k, v, bias, mask = encoder_case(16)
     out, grads = value_and_grads(cpu_attention.attention, q, k, v, bias, mask)

@@ -146,48 +146,84 @@ inline void Gather(const float* x, const Dims& d, int64_t L, int64_t Lp, int64_t
   std::memset(dst, 0, Lp * Dp * 4);
   for (int64_t i = 0; i < L; ++i) std::memcpy(dst + i * Dp, x + ((b * L + i) * d.H + h) * d.D, d.D * 4);
 }
-// Copies x[b, :, h, :] transposed into dst [Dp][Lp], zero padded.
+// Copies x[b, :, h, :] transposed into dst [Dp][Lp], zero padded. Through a tile of
+// kLanes rows, so that every store to dst is a whole vector (storing single floats
+// kLanes-strided apart was a quarter of the backward pass's time).
 template <int Dp>
 inline void GatherTransposed(const float* x, const Dims& d, int64_t L, int64_t Lp, int64_t b, int64_t h,
                              float* dst) {
   std::memset(dst, 0, Dp * Lp * 4);
-  for (int64_t i = 0; i < L; ++i) {
-    const float* src = x + ((b * L + i) * d.H + h) * d.D;
-    for (int64_t e = 0; e < d.D; ++e) dst[e * Lp + i] = src[e];
+  float tile[kLanes][Dp];
+  for (int64_t i0 = 0; i0 < L; i0 += kLanes) {
+    const int64_t rows = std::min<int64_t>(kLanes, L - i0);
+    std::memset(tile, 0, sizeof(tile));
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(tile[r], x + ((b * L + i0 + r) * d.H + h) * d.D, d.D * 4);
+    for (int64_t e = 0; e < d.D; ++e) {
+      float column[kLanes];
+      for (int r = 0; r < kLanes; ++r) column[r] = tile[r][e];
+      std::memcpy(dst + e * Lp + i0, column, sizeof(column));
+    }
   }
 }
+
 // Writes src [L][Dp] (its first D lanes) to x[b, :, h, :].
 template <int Dp>
 inline void Scatter(const float* src, const Dims& d, int64_t L, int64_t b, int64_t h, float* x) {
   for (int64_t i = 0; i < L; ++i) std::memcpy(x + ((b * L + i) * d.H + h) * d.D, src + i * Dp, d.D * 4);
 }
 
-// The keys [lo, hi) that the block of rows i0.. may see (rounded out to kLanes, hi <= Kp).
+// The index of the first (last) nonzero byte of row[0, n), or n (-1) if there is none;
+// eight bytes at a time.
+inline int64_t FirstNonzero(const uint8_t* row, int64_t n) {
+  int64_t i = 0;
+  for (uint64_t word; i + 8 <= n; i += 8) {
+    std::memcpy(&word, row + i, 8);
+    if (word) break;
+  }
+  while (i < n && !row[i]) ++i;
+  return i;
+}
+inline int64_t LastNonzero(const uint8_t* row, int64_t n) {
+  int64_t i = n;
+  for (uint64_t word; i >= 8; i -= 8) {
+    std::memcpy(&word, row + i - 8, 8);
+    if (word) break;
+  }
+  while (i > 0 && !row[i - 1]) --i;
+  return i - 1;
+}
+
+// For every block of kRows query rows of every batch row: the keys [lo, hi) that the
+// block may see (rounded out to kLanes, hi <= Kp), as ranges[2 * (b * blocks + block)].
 // A row that sees no key at all gets uniform weights over every key, as softmax gives
-// for a row of equal scores, so it needs the whole range.
-inline void KeyRange(const Dims& d, const uint8_t* mask, int64_t b, int64_t i0, int64_t* lo, int64_t* hi) {
-  if (mask == nullptr) {
-    *lo = 0;
-    *hi = d.Kp;
-    return;
-  }
-  int64_t first = d.K, last = -1;
-  for (int r = 0; r < kRows; ++r) {
-    const uint8_t* row = mask + (b * d.Q + std::min(i0 + r, d.Q - 1)) * d.K;
-    int64_t f = 0;
-    while (f < d.K && !row[f]) ++f;
-    if (f == d.K) {
-      *lo = 0;
-      *hi = d.Kp;
-      return;
+// for a row of equal scores, so its block needs the whole range. The same for every
+// head, so computed once per call.
+std::vector<int64_t> KeyRanges(const Dims& d, const uint8_t* mask) {
+  const int64_t blocks = d.Qp / kRows;
+  std::vector<int64_t> ranges(2 * d.B * blocks);
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int64_t* range = ranges.data() + 2 * (b * blocks + blk);
+      range[0] = 0;
+      range[1] = d.Kp;
+      if (mask == nullptr) continue;
+      int64_t first = d.K, last = -1;
+      for (int r = 0; r < kRows; ++r) {
+        const uint8_t* row = mask + (b * d.Q + std::min(blk * kRows + r, d.Q - 1)) * d.K;
+        const int64_t f = FirstNonzero(row, d.K);
+        if (f == d.K) {  // a row that sees nothing
+          first = 0;
+          last = d.K - 1;
+          break;
+        }
+        first = std::min(first, f);
+        last = std::max(last, LastNonzero(row, d.K));
+      }
+      range[0] = first / kLanes * kLanes;
+      range[1] = std::min(RoundUp(last + 1, kLanes), d.Kp);
     }
-    int64_t l = d.K - 1;
-    while (!row[l]) --l;
-    first = std::min(first, f);
-    last = std::max(last, l);
   }
-  *lo = first / kLanes * kLanes;
-  *hi = std::min(RoundUp(last + 1, kLanes), d.Kp);
+  return ranges;
 }
 
 // s[r][j] += bias, then -FLT_MAX where masked, for j in [lo, hi); returns nothing.
@@ -207,7 +243,8 @@ inline void AddBiasAndMask(const Dims& d, int64_t b, int64_t h, int64_t i0, cons
 
 template <int D>
 void ForwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const float* k, const float* v,
-                 const float* bias, const uint8_t* mask, float* out, float* stats, std::vector<float>& work) {
+                 const float* bias, const uint8_t* mask, const int64_t* ranges, float* out, float* stats,
+                 std::vector<float>& work) {
   const int64_t Qp = d.Qp, Kp = d.Kp;
   work.resize(Qp * D + D * Kp + Kp * D + kRows * Kp + kRows * D);
   float* qh = work.data();
@@ -219,8 +256,8 @@ void ForwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const floa
   GatherTransposed<D>(k, d, d.K, Kp, b, h, kt);
   Gather<D>(v, d, d.K, Kp, b, h, vh);
   for (int64_t i0 = 0; i0 < d.Q; i0 += kRows) {
-    int64_t lo, hi;
-    KeyRange(d, mask, b, i0, &lo, &hi);
+    const int64_t* range = ranges + 2 * (b * (d.Qp / kRows) + i0 / kRows);
+    const int64_t lo = range[0], hi = range[1];
     const int64_t end = std::min(hi, d.K);  // the real keys of the range
     Scores<D>(qh + i0 * D, kt, Kp, lo, hi, s);
     AddBiasAndMask(d, b, h, i0, bias, mask, lo, end, s);
@@ -253,8 +290,9 @@ void ForwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const floa
 
 template <int D>
 void BackwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const float* k, const float* v,
-                  const float* bias, const uint8_t* mask, const float* out, const float* stats, const float* dout,
-                  float* dq, float* dk, float* dv, float* dbias, std::vector<float>& work) {
+                  const float* bias, const uint8_t* mask, const int64_t* ranges, const float* out,
+                  const float* stats, const float* dout, float* dq, float* dk, float* dv, float* dbias,
+                  std::vector<float>& work) {
   const int64_t Qp = d.Qp, Kp = d.Kp;
   work.resize(Qp * D * 2 + D * Kp * 2 + Kp * D * 3 + kRows * Kp * 2 + kRows * D + Qp);
   float* qh = work.data();
@@ -281,8 +319,8 @@ void BackwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const flo
     rowdot[i] = acc;
   }
   for (int64_t i0 = 0; i0 < d.Q; i0 += kRows) {
-    int64_t lo, hi;
-    KeyRange(d, mask, b, i0, &lo, &hi);
+    const int64_t* range = ranges + 2 * (b * (d.Qp / kRows) + i0 / kRows);
+    const int64_t lo = range[0], hi = range[1];
     const int64_t end = std::min(hi, d.K);
     Scores<D>(qh + i0 * D, kt, Kp, lo, hi, p);
     AddBiasAndMask(d, b, h, i0, bias, mask, lo, end, p);
@@ -353,8 +391,9 @@ void ParallelFor(const Dims& d, int64_t tasks, F&& f) {
 template <int D>
 void ForwardAll(const Dims& d, const float* q, const float* k, const float* v, const float* bias,
                 const uint8_t* mask, float* out, float* stats) {
+  const std::vector<int64_t> ranges = KeyRanges(d, mask);
   ParallelFor(d, d.B * d.H, [&](int64_t t, std::vector<float>& work) {
-    ForwardHead<D>(d, t / d.H, t % d.H, q, k, v, bias, mask, out, stats, work);
+    ForwardHead<D>(d, t / d.H, t % d.H, q, k, v, bias, mask, ranges.data(), out, stats, work);
   });
 }
 
@@ -362,16 +401,18 @@ template <int D>
 void BackwardAll(const Dims& d, const float* q, const float* k, const float* v, const float* bias,
                  const uint8_t* mask, const float* out, const float* stats, const float* dout, float* dq, float* dk,
                  float* dv, float* dbias) {
+  const std::vector<int64_t> ranges = KeyRanges(d, mask);
   if (dbias) std::memset(dbias, 0, d.H * d.Q * d.K * 4);
   if (dbias) {
     // One task per head: the bias gradient sums over the batch in a fixed order.
     ParallelFor(d, d.H, [&](int64_t h, std::vector<float>& work) {
       for (int64_t b = 0; b < d.B; ++b)
-        BackwardHead<D>(d, b, h, q, k, v, bias, mask, out, stats, dout, dq, dk, dv, dbias, work);
+        BackwardHead<D>(d, b, h, q, k, v, bias, mask, ranges.data(), out, stats, dout, dq, dk, dv, dbias, work);
     });
   } else {
     ParallelFor(d, d.B * d.H, [&](int64_t t, std::vector<float>& work) {
-      BackwardHead<D>(d, t / d.H, t % d.H, q, k, v, bias, mask, out, stats, dout, dq, dk, dv, nullptr, work);
+      BackwardHead<D>(d, t / d.H, t % d.H, q, k, v, bias, mask, ranges.data(), out, stats, dout, dq, dk, dv,
+                      nullptr, work);
     });
   }
 }
@@ -436,12 +477,13 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> out,
                         ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                        ffi::ResultBuffer<ffi::F32> dbias, int64_t has_bias, int64_t has_mask) {
+                        ffi::ResultBuffer<ffi::F32> dbias, int64_t has_bias, int64_t has_mask,
+                        int64_t bias_grad) {
   if (ffi::Error e = CheckShapes(q, k, v); e.failure()) return e;
   const Dims d = MakeDims(q, k);
   const float* bp = has_bias ? bias.typed_data() : nullptr;
   const uint8_t* mp = has_mask ? mask.typed_data() : nullptr;
-  float* dbp = has_bias ? dbias->typed_data() : nullptr;
+  float* dbp = has_bias && bias_grad ? dbias->typed_data() : nullptr;
   Dispatch(d.D, [&](auto dp) {
     BackwardAll<decltype(dp)::value>(d, q.typed_data(), k.typed_data(), v.typed_data(), bp, mp, out.typed_data(),
                                      stats.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
@@ -479,4 +521,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxAttentionBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d value
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d bias [H, Q, K] (or a placeholder)
                                   .Attr<int64_t>("has_bias")
-                                  .Attr<int64_t>("has_mask"));
+                                  .Attr<int64_t>("has_mask")
+                                  .Attr<int64_t>("bias_grad"));  // 0: the bias needs no gradient

@@ -232,22 +232,33 @@ def _attention(query, key, value, bias, mask, has_bias, has_mask):
 
 
 def _attention_fwd(query, key, value, bias, mask, has_bias, has_mask):
+    # symbolic_zeros: each input arrives as (value, perturbed). A position bias made from
+    # frozen parameters (LoRA) needs no gradient, and the backward kernel then skips the
+    # bias gradient, a sum over the batch of [H, Q, K] (and gets one task per row and
+    # head instead of one per head).
+    bias_needs_grad = has_bias and bias.perturbed
+    query, key, value, bias, mask = (x.value for x in (query, key, value, bias, mask))
     out, stats = _forward_call(query, key, value, bias, mask, has_bias, has_mask)
     # Residuals: the inputs, O and two floats per row; the weights are recomputed.
-    return out, (query, key, value, bias, mask, out, stats)
+    # ``bias_needs_grad`` travels as the presence of a residual (residuals are arrays).
+    return out, (query, key, value, bias, mask, out, stats, bias if bias_needs_grad else None)
 
 
 def _attention_bwd(has_bias, has_mask, residuals, d_out):
-    query, key, value, bias, mask, out, stats = residuals
-    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value, bias))
+    query, key, value, bias, mask, out, stats, bias_marker = residuals
+    bias_grad = bias_marker is not None
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        d_out = jnp.zeros(d_out.aval.shape, d_out.aval.dtype)
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value))
+    out_types += (jax.ShapeDtypeStruct(bias.shape if bias_grad else (1,), jnp.float32),)
     d_query, d_key, d_value, d_bias = jax.ffi.ffi_call(_BACKWARD, out_types, vmap_method="sequential")(
         query, key, value, bias, mask, out, stats, d_out.astype(jnp.float32),
-        has_bias=np.int64(has_bias), has_mask=np.int64(has_mask),
+        has_bias=np.int64(has_bias), has_mask=np.int64(has_mask), bias_grad=np.int64(bias_grad),
     )
-    return d_query, d_key, d_value, d_bias if has_bias else jnp.zeros_like(bias), None
+    return d_query, d_key, d_value, d_bias if bias_grad else jnp.zeros_like(bias), None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 def attention(query: Array, key: Array, value: Array, bias: Array | None, mask: Array | None) -> Array:
