@@ -157,6 +157,7 @@ def _worker_jax(args, packed: bool, no_attention_core: bool = False) -> dict:
     from fedjax_fm.data import batching
     from fedjax_fm.data.packing import PackingSpec, example_lengths, pack_round
     from fedjax_fm.fl.t5_task import t5_loss_fn
+    from fedjax_fm.models import cpu_attention
     from fedjax_fm.models import lora as lora_lib
     from fedjax_fm.models.config import LoraConfig, preset
     from fedjax_fm.models.flops import ExampleFlops, train_step_flops
@@ -211,7 +212,7 @@ def _worker_jax(args, packed: bool, no_attention_core: bool = False) -> dict:
                 padding_efficiency=real / slots, useful_flops=flops, executed_flops=executed, compile_s=compile_s,
                 useful_attention_flops=useful_attention, executed_attention_flops=executed_attention,
                 baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), version=f"jax {jax.__version__}",
-                loss=float(metrics["loss"]))
+                loss=float(metrics["loss"]), cpu_attention=cpu_attention.status()["used"])
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -341,6 +342,9 @@ def _print_attention_ceiling(packed: dict, no_core: dict, reference: dict, refer
         print(f"exact block-diagonal attention {label}: {tps:.0f} real tokens/s, "
               f"{tps / reference['tps']:.2f}x {reference_name}")
     print(f"no attention core at all (not a model): {no_core['tps'] / reference['tps']:.2f}x {reference_name}")
+    if packed.get("cpu_attention"):
+        print("(the fused CPU attention kernel ran: it computes only the keys each block of rows may see, about "
+              "the examples' own attention, so the attention GFLOP/s above count dense-row FLOPs it skipped)")
 
 
 def main(argv: list[str] | None = None) -> int:
