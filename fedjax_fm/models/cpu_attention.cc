@@ -18,7 +18,9 @@
 // Deterministic: every output element is computed by one thread in a fixed order (the
 // bias gradient, which sums over the batch, is split by head).
 
+#if defined(__linux__)
 #include <sched.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -359,9 +361,11 @@ void BackwardHead(const Dims& d, int64_t b, int64_t h, const float* q, const flo
 
 // The CPUs this process may run on (its affinity mask), at least 1.
 int AvailableCpus() {
+#if defined(__linux__)
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 // Runs f(task, work) for task in [0, tasks): task t on worker t % n, each worker with

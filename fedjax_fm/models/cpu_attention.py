@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_fm.host_cpu import host_cpu
+
 Array = jax.Array
 
 _LOG = logging.getLogger(__name__)
@@ -94,9 +96,6 @@ def _flag_sets() -> list[list[str]]:
 
 
 def _build_key(compiler: str, flags: list[str]) -> str:
-    # Imported here: the environment record lives in the run layer's module.
-    from fedjax_fm.training.environment import host_cpu
-
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     parts = [
         _SOURCE.read_bytes().hex(),
