@@ -35,6 +35,7 @@ and is sliced off before aggregation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -90,14 +91,23 @@ def _pad_clients(batches: dict, rngs: jax.Array, size: int) -> tuple[dict, jax.A
     return padded, jnp.concatenate([rngs, jnp.repeat(rngs[:1], size - have, axis=0)], axis=0)
 
 
+@functools.partial(jax.jit, static_argnames="count")
+def _concat_and_trim(parts: list[ClientOutputs], count: int) -> ClientOutputs:
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+    return jax.tree.map(lambda x: x[:count], stacked)
+
+
 def _concat(parts: list[ClientOutputs], count: int) -> ClientOutputs:
-    if len(parts) == 1:
-        stacked = parts[0]
-    else:
-        stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-    if stacked.num_examples.shape[0] != count:
-        stacked = jax.tree.map(lambda x: x[:count], stacked)
-    return stacked
+    """The groups' outputs as one ``[count, ...]`` tree (padding slots sliced off).
+
+    One compiled program, not an eager op per leaf: across processes every op on a
+    split array is a program with collectives, and several such programs queued at
+    once can reach gloo in different orders on a process's two device threads and
+    wait on each other forever (seen as a hang of the two-process test in ``x[:count]``).
+    """
+    if len(parts) == 1 and parts[0].num_examples.shape[0] == count:
+        return parts[0]
+    return _concat_and_trim(parts, count=count)
 
 
 @dataclasses.dataclass(frozen=True)
