@@ -37,13 +37,23 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats: one AVX-512 register, or two or four narrower ones (GCC/Clang vector
-// extension, so the same source builds for x86-64 and AArch64). aligned(4): unaligned
-// loads and stores are allowed through it.
+// One vector register of floats (GCC/Clang vector extension, so the same source builds
+// for x86-64 and AArch64; aligned(4): unaligned loads and stores are allowed through it).
+// With AVX-512: 16 floats, and a register block of 4 query rows x 4 vectors (16 of the 32
+// registers). Without it (AVX2, NEON: 16 registers of 8 or 4 floats), a 16-float vector is
+// two or four registers and the same block spilled to the stack: the kernel ran 3.3x slower
+// than XLA's attention on an AVX2-only AMD EPYC (docs/benchmarks.md). There: 8 floats and
+// blocks of 4 rows x 2 vectors, 8 accumulators.
+#if defined(__AVX512F__)
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
 constexpr int kLanes = 16;
-constexpr int kRows = 4;                  // query rows per block
 constexpr int kChunk = 4;                 // key vectors per register block (64 keys)
+#else
+typedef float Vec __attribute__((vector_size(32), aligned(4)));
+constexpr int kLanes = 8;
+constexpr int kChunk = 2;                 // key vectors per register block (16 keys)
+#endif
+constexpr int kRows = 4;                  // query rows per block
 constexpr float kMasked = -std::numeric_limits<float>::max();  // layers._MASKED_LOGIT
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
