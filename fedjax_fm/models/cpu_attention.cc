@@ -40,10 +40,11 @@ namespace {
 // One vector register of floats (GCC/Clang vector extension, so the same source builds
 // for x86-64 and AArch64; aligned(4): unaligned loads and stores are allowed through it).
 // With AVX-512: 16 floats, and a register block of 4 query rows x 4 vectors (16 of the 32
-// registers). Without it (AVX2, NEON: 16 registers of 8 or 4 floats), a 16-float vector is
-// two or four registers and the same block spilled to the stack: the kernel ran 3.3x slower
-// than XLA's attention on an AVX2-only AMD EPYC (docs/benchmarks.md). There: 8 floats and
-// blocks of 4 rows x 2 vectors, 8 accumulators.
+// registers). Without it (AVX2: 16 registers of 8 floats; NEON: 32 of 4), a 16-float
+// vector is two or four registers and the same block spilled to the stack: on an
+// AVX2-only AMD EPYC the kernel ran at 0.34-0.60x XLA's attention's speed
+// (scripts/bench_attention.py, docs/benchmarks.md). There: 8 floats and blocks of
+// 4 rows x 2 vectors, 8 accumulators.
 #if defined(__AVX512F__)
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
 constexpr int kLanes = 16;
