@@ -68,6 +68,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -305,6 +306,14 @@ CEILING_ROWS = {
 }
 DEFAULT_ROWS = tuple(ROWS)
 ROWS = {**ROWS, **CEILING_ROWS}
+# What each kind of row imports (fedjax_fm always: the lengths are drawn with it).
+REQUIRED_MODULES = {"jax": ("fedjax_fm", "jax"), "torch": ("torch", "transformers", "peft")}
+
+
+def missing_modules(kinds: set[str]) -> list[str]:
+    """The modules the rows of ``kinds`` need that this Python cannot import."""
+    needed = {m for kind in kinds | {"jax"} for m in REQUIRED_MODULES[kind]}
+    return sorted(m for m in needed if importlib.util.find_spec(m) is None)
 
 
 def _run_worker(kind: str, variant: str, argv: list[str]) -> dict:
@@ -386,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        parser.error(f"--rows: unknown row(s) {unknown}; valid: {', '.join(ROWS)}")
+    missing = missing_modules({ROWS[r][0] for r in rows})
+    if missing:  # before any work, rather than a bare ModuleNotFoundError from a worker
+        parser.error(f"cannot import {', '.join(missing)}: from the repository root run "
+                     f"`pip install -e \".[test]\" -c constraints.txt` (torch rows need torch==2.13.0, "
+                     f"transformers and peft, which the [test] extra pins)")
     worker_argv = ["--preset", args.preset, "--clients", str(args.clients), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
                    "--pack-src", str(args.pack_src), "--pack-tgt", str(args.pack_tgt), "--pack-rows", str(args.pack_rows),
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lengths (seed {args.seed}): source median {np.median(src):.0f}, p85 {np.percentile(src, 85):.0f}, "
           f"max {src.max()}; target median {np.median(tgt):.0f}, p90 {np.percentile(tgt, 90):.0f}")
     results = {}
-    for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
+    for name in rows:
         kind, variant = ROWS[name]
         r = _run_worker(kind, variant, worker_argv)
         results[name] = r
