@@ -24,3 +24,19 @@ def compile_cache(tmp_path_factory):
     yield directory
     jax.config.update("jax_compilation_cache_dir", previous[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Imports a file of ``scripts/`` (not a package) as a module: ``load_script("bench_model")``."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,19 +3,13 @@ a row whose modules this Python cannot import (a clear install line, not a bare
 ``ModuleNotFoundError`` from a worker subprocess minutes in)."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_real_lengths.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_real_lengths", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("bench_real_lengths")
 
 
 def test_an_unknown_row_is_refused_with_the_valid_ones(bench, capsys):

@@ -1,19 +1,11 @@
 """``scripts/score_demo_slots.py``: the slot scores of docs/benchmarks.md on known answers."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "score_demo_slots.py"
 
 
 @pytest.fixture(scope="module")
-def score():
-    spec = importlib.util.spec_from_file_location("score_demo_slots", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def score(load_script):
+    return load_script("score_demo_slots")
 
 
 def test_the_issue_s_wrong_example_is_wrong_in_every_slot(score):
