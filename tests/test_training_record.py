@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from flwr.common import FitIns
 
@@ -193,3 +194,65 @@ def test_packed_device_round_equals_the_simulated_round(deployed, simulated):
     assert d["padding_efficiency"] == pytest.approx(s["padding_efficiency"], rel=1e-12)
     assert 0 < s["padding_efficiency"] <= 1 and d["examples"] == s["examples"]
     assert _summary(deployed)["params_sha256"] == _summary(simulated)["params_sha256"]
+
+
+def test_server_refuses_a_reply_for_another_round(world):
+    """A reply that is not for the round the server runs (Flower delivering one late or twice)
+    is refused with its reason, and the round goes on with the devices that answered it."""
+    from types import SimpleNamespace
+
+    tmp, config = world
+    cfg = load_config(config)
+    strategy = DeployStrategy(cfg, tmp / "refusing", list(CLIENTS), log=lambda message: None)
+    payload = encode_tree(strategy.state.params)
+    names = sorted(CLIENTS)  # alice, bob
+    nodes = {name: 100 + i for i, name in enumerate(names)}
+    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
+                               bytes_down_each=payload_bytes(payload), absent=[], nodes=nodes, rejected=[])
+    results = []
+    for position, (name, answered_round) in enumerate([("alice", 1), ("bob", 0)]):
+        device = DeviceClient(cfg, str(tmp / "clients"), name, log=lambda message: None)
+        res = device.fit(FitIns(payload, {"round_index": answered_round, "seed": cfg.seed, "position": position,
+                                          "overrides": ""}))
+        assert res.metrics["round_index"] == answered_round
+        results.append((SimpleNamespace(node_id=nodes[name], cid=str(nodes[name])), res))
+    strategy.aggregate_fit(1, results, [])
+    row = strategy.rows[-1]
+    assert row["clients"] == 1 and [r["client_id"] for r in row["client_reports"]] == ["bob"]
+    assert row["failed_clients"] == [
+        {"client": "alice", "reason": "alice: replied for round index 1 while round index 0 runs; ignored"}]
+    assert strategy.rounds_done == 1
+
+
+def test_a_secure_sum_holding_a_reply_for_another_round_is_not_applied(world, tmp_path):
+    """Under SecAgg+ the server gets only the sum, which already holds the stray reply: the
+    round is recorded with every device failed and the model unchanged."""
+    from types import SimpleNamespace
+
+    from flwr.common import Code, FitRes, Status
+
+    tmp, config = world
+    text = config.read_text().replace("num_clients: 2", "num_clients: 3").replace("clients_per_round: 2",
+                                                                                "clients_per_round: 3")
+    secure_config = tmp_path / "secure.yaml"
+    secure_config.write_text(text + "deploy: {secure_aggregation: {enabled: true}}\n")
+    cfg = load_config(secure_config)
+    names = ["alice", "bob", "carol"]
+    strategy = DeployStrategy(cfg, tmp_path / "out", names, log=lambda message: None)
+    before = strategy.state.params
+    nodes = {name: 100 + i for i, name in enumerate(names)}
+    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
+                               bytes_down_each=0, absent=[], nodes=nodes, rejected=[])
+    sum_parameters = encode_tree(before)  # never read: the round is refused before it is decoded
+    results = [(SimpleNamespace(node_id=nodes[name], cid=str(nodes[name])),
+                FitRes(Status(Code.OK, "ok"), sum_parameters, 4, {"client_id": name, "round_index": r}))
+               for name, r in [("alice", 0), ("bob", 2), ("carol", 0)]]
+    strategy.aggregate_fit(1, results, [])
+    row = strategy.rows[-1]
+    assert row["clients"] == 0 and row["applied"] is False
+    assert {f["client"]: f["reason"] for f in row["failed_clients"]} == {
+        "alice": "alice: in a secure sum with a reply for another round; not applied",
+        "bob": "bob: replied for round index 2 while round index 0 runs; ignored",
+        "carol": "carol: in a secure sum with a reply for another round; not applied"}
+    assert strategy.state.params is before or all(
+        bool((a == b).all()) for a, b in zip(jax.tree.leaves(strategy.state.params), jax.tree.leaves(before)))

@@ -161,6 +161,7 @@ class DeviceClient(Client):
         self.rounds_trained += 1
         out: dict[str, Any] = {
             "client_id": self.client_id,
+            "round_index": round_index,  # the server refuses a reply that is not for the round it runs
             "position": position,
             "num_examples": float(host["n"]),
             "loss": float(host["loss"]),

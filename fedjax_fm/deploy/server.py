@@ -299,11 +299,21 @@ class DeployStrategy(Strategy):
                 reasons.append(f"{self.claims.get(_node_id(proxy), proxy.cid)}: {res.status.message}")
         updates = []
         mean = None  # with secure aggregation: the unmasked mean, the same Parameters in every FitRes
+        other_round = False
         for proxy, res in results:
             name = str(res.metrics.get("client_id", ""))
             node = _node_id(proxy)
             if self.plan is None or self.plan.nodes.get(name) != node:
                 reasons.append(f"node {node} answered as {name!r} without being asked as it; ignored")
+                continue
+            answered_round = res.metrics.get("round_index")
+            if answered_round != self.plan.round_index:
+                # A reply Flower delivers late or twice (a retried message, a node that
+                # reconnected) carries another round's delta: averaging it in would train
+                # this round on stale parameters, silently.
+                reasons.append(f"{name}: replied for round index {answered_round} while round index "
+                               f"{self.plan.round_index} runs; ignored")
+                other_round = True
                 continue
             res.metrics["node_id"] = str(node)  # a string: node ids are unsigned 64-bit
             if self.secure is not None:
@@ -319,6 +329,11 @@ class DeployStrategy(Strategy):
                 reasons.append(f"{name}: bad payload ({error})")
                 continue
             updates.append((name, delta, res))
+        if self.secure is not None and other_round:
+            # SecAgg+ has already summed every reply: one from another round cannot be taken out.
+            reasons.extend(f"{name}: in a secure sum with a reply for another round; not applied"
+                           for name, _, _ in updates)
+            updates = []
         if self.secure is not None and updates:
             try:
                 mean = decode_leaves(updates[0][2].parameters, self.state.params)
@@ -349,9 +364,12 @@ class DeployStrategy(Strategy):
         answered = {name for name, _, _ in updates}
         failed = [{"client": name, "reason": self._absent_reason(name)} for name in plan.absent]
         unexplained = [name for name in plan.sent if name not in answered]
-        for i, name in enumerate(unexplained):
-            # Flower's exceptions do not name the device; pair them in order (usually one each).
-            failed.append({"client": name, "reason": reasons[i] if i < len(reasons) else "no result"})
+        named = {name: next((r for r in reasons if r.startswith(f"{name}: ")), None) for name in unexplained}
+        anonymous = iter([r for r in reasons if r not in named.values()])
+        for name in unexplained:
+            # Our own reasons name their device; Flower's exceptions do not, so those are
+            # paired with the remaining devices in order (usually one each).
+            failed.append({"client": name, "reason": named[name] or next(anonymous, "no result")})
         for name in failed:
             self.log(f"round {plan.round_index + 1}: device {name['client']} failed: {name['reason']}")
         reports = [dict(res.metrics) for _, _, res in updates]
