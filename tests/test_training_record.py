@@ -224,9 +224,11 @@ def test_server_refuses_a_reply_for_another_round(world):
     assert strategy.rounds_done == 1
 
 
-def test_a_secure_sum_holding_a_reply_for_another_round_is_not_applied(world, tmp_path):
-    """Under SecAgg+ the server gets only the sum, which already holds the stray reply: the
-    round is recorded with every device failed and the model unchanged."""
+@pytest.mark.parametrize("stray", ["another round", "another node"])
+def test_a_secure_sum_holding_a_refused_reply_is_not_applied(world, tmp_path, stray):
+    """Under SecAgg+ the server gets only the sum, which already holds a reply it refuses (one
+    for another round, or one from a node not asked as that device): the round is recorded
+    with every device failed and the model unchanged."""
     from types import SimpleNamespace
 
     from flwr.common import Code, FitRes, Status
@@ -244,15 +246,17 @@ def test_a_secure_sum_holding_a_reply_for_another_round_is_not_applied(world, tm
     strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
                                bytes_down_each=0, absent=[], nodes=nodes, rejected=[])
     sum_parameters = encode_tree(before)  # never read: the round is refused before it is decoded
-    results = [(SimpleNamespace(node_id=nodes[name], cid=str(nodes[name])),
+    bob_round, bob_node = (2, nodes["bob"]) if stray == "another round" else (0, 999)
+    replies = [("alice", 0, nodes["alice"]), ("bob", bob_round, bob_node), ("carol", 0, nodes["carol"])]
+    results = [(SimpleNamespace(node_id=node, cid=str(node)),
                 FitRes(Status(Code.OK, "ok"), sum_parameters, 4, {"client_id": name, "round_index": r}))
-               for name, r in [("alice", 0), ("bob", 2), ("carol", 0)]]
+               for name, r, node in replies]
     strategy.aggregate_fit(1, results, [])
     row = strategy.rows[-1]
     assert row["clients"] == 0 and row["applied"] is False
+    bob = ("bob: replied for round index 2 while round index 0 runs; ignored" if stray == "another round"
+           else "node 999 answered as 'bob' without being asked as it; ignored")
     assert {f["client"]: f["reason"] for f in row["failed_clients"]} == {
-        "alice": "alice: in a secure sum with a reply for another round; not applied",
-        "bob": "bob: replied for round index 2 while round index 0 runs; ignored",
-        "carol": "carol: in a secure sum with a reply for another round; not applied"}
-    assert strategy.state.params is before or all(
-        bool((a == b).all()) for a, b in zip(jax.tree.leaves(strategy.state.params), jax.tree.leaves(before)))
+        "alice": "alice: in a secure sum with a refused reply; not applied", "bob": bob,
+        "carol": "carol: in a secure sum with a refused reply; not applied"}
+    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(strategy.state.params), jax.tree.leaves(before)))

@@ -299,12 +299,13 @@ class DeployStrategy(Strategy):
                 reasons.append(f"{self.claims.get(_node_id(proxy), proxy.cid)}: {res.status.message}")
         updates = []
         mean = None  # with secure aggregation: the unmasked mean, the same Parameters in every FitRes
-        other_round = False
+        refused = False  # a reply refused below; under SecAgg+ it is in the sum all the same
         for proxy, res in results:
             name = str(res.metrics.get("client_id", ""))
             node = _node_id(proxy)
             if self.plan is None or self.plan.nodes.get(name) != node:
                 reasons.append(f"node {node} answered as {name!r} without being asked as it; ignored")
+                refused = True
                 continue
             answered_round = res.metrics.get("round_index")
             if answered_round != self.plan.round_index:
@@ -313,7 +314,7 @@ class DeployStrategy(Strategy):
                 # this round on stale parameters, silently.
                 reasons.append(f"{name}: replied for round index {answered_round} while round index "
                                f"{self.plan.round_index} runs; ignored")
-                other_round = True
+                refused = True
                 continue
             res.metrics["node_id"] = str(node)  # a string: node ids are unsigned 64-bit
             if self.secure is not None:
@@ -329,9 +330,9 @@ class DeployStrategy(Strategy):
                 reasons.append(f"{name}: bad payload ({error})")
                 continue
             updates.append((name, delta, res))
-        if self.secure is not None and other_round:
-            # SecAgg+ has already summed every reply: one from another round cannot be taken out.
-            reasons.extend(f"{name}: in a secure sum with a reply for another round; not applied"
+        if self.secure is not None and refused:
+            # SecAgg+ has already summed every reply: a refused one cannot be taken out.
+            reasons.extend(f"{name}: in a secure sum with a refused reply; not applied"
                            for name, _, _ in updates)
             updates = []
         if self.secure is not None and updates:
