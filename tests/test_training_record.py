@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import pytest
@@ -71,6 +72,18 @@ def world(tmp_path_factory) -> tuple[Path, Path]:
     return tmp, config
 
 
+def _planned_round(names: list[str], nodes: dict[str, int], bytes_down_each: int = 0) -> _RoundPlan:
+    """Round 0 as ``configure_fit`` would plan it: every device in ``names`` sampled and sent
+    work, ``nodes`` the Flower node each was sent to."""
+    return _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
+                      bytes_down_each=bytes_down_each, absent=[], nodes=nodes, rejected=[])
+
+
+def _proxy(node: int) -> SimpleNamespace:
+    """What ``aggregate_fit`` reads of Flower's client proxy: its node id."""
+    return SimpleNamespace(node_id=node, cid=str(node))
+
+
 @pytest.fixture(scope="module")
 def deployed(world) -> Path:
     """One deployed round: each device trains for real, the strategy records it."""
@@ -80,8 +93,7 @@ def deployed(world) -> Path:
     strategy = DeployStrategy(cfg, out, list(CLIENTS), log=lambda message: None)
     payload = encode_tree(strategy.state.params)
     names = sorted(CLIENTS)
-    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
-                               bytes_down_each=payload_bytes(payload), absent=[], nodes={}, rejected=[])
+    strategy.plan = _planned_round(names, {}, payload_bytes(payload))
     updates = []
     for position, name in enumerate(names):
         device = DeviceClient(cfg, str(tmp / "clients"), name, log=lambda message: None)
@@ -199,23 +211,20 @@ def test_packed_device_round_equals_the_simulated_round(deployed, simulated):
 def test_server_refuses_a_reply_for_another_round(world):
     """A reply that is not for the round the server runs (Flower delivering one late or twice)
     is refused with its reason, and the round goes on with the devices that answered it."""
-    from types import SimpleNamespace
-
     tmp, config = world
     cfg = load_config(config)
     strategy = DeployStrategy(cfg, tmp / "refusing", list(CLIENTS), log=lambda message: None)
     payload = encode_tree(strategy.state.params)
     names = sorted(CLIENTS)  # alice, bob
     nodes = {name: 100 + i for i, name in enumerate(names)}
-    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
-                               bytes_down_each=payload_bytes(payload), absent=[], nodes=nodes, rejected=[])
+    strategy.plan = _planned_round(names, nodes, payload_bytes(payload))
     results = []
     for position, (name, answered_round) in enumerate([("alice", 1), ("bob", 0)]):
         device = DeviceClient(cfg, str(tmp / "clients"), name, log=lambda message: None)
         res = device.fit(FitIns(payload, {"round_index": answered_round, "seed": cfg.seed, "position": position,
                                           "overrides": ""}))
         assert res.metrics["round_index"] == answered_round
-        results.append((SimpleNamespace(node_id=nodes[name], cid=str(nodes[name])), res))
+        results.append((_proxy(nodes[name]), res))
     strategy.aggregate_fit(1, results, [])
     row = strategy.rows[-1]
     assert row["clients"] == 1 and [r["client_id"] for r in row["client_reports"]] == ["bob"]
@@ -229,8 +238,6 @@ def test_a_secure_sum_holding_a_refused_reply_is_not_applied(world, tmp_path, st
     """Under SecAgg+ the server gets only the sum, which already holds a reply it refuses (one
     for another round, or one from a node not asked as that device): the round is recorded
     with every device failed and the model unchanged."""
-    from types import SimpleNamespace
-
     from flwr.common import Code, FitRes, Status
 
     tmp, config = world
@@ -243,12 +250,11 @@ def test_a_secure_sum_holding_a_refused_reply_is_not_applied(world, tmp_path, st
     strategy = DeployStrategy(cfg, tmp_path / "out", names, log=lambda message: None)
     before = strategy.state.params
     nodes = {name: 100 + i for i, name in enumerate(names)}
-    strategy.plan = _RoundPlan(round_index=0, started=time.perf_counter(), sampled=names, sent=names,
-                               bytes_down_each=0, absent=[], nodes=nodes, rejected=[])
+    strategy.plan = _planned_round(names, nodes)
     sum_parameters = encode_tree(before)  # never read: the round is refused before it is decoded
     bob_round, bob_node = (2, nodes["bob"]) if stray == "another round" else (0, 999)
     replies = [("alice", 0, nodes["alice"]), ("bob", bob_round, bob_node), ("carol", 0, nodes["carol"])]
-    results = [(SimpleNamespace(node_id=node, cid=str(node)),
+    results = [(_proxy(node),
                 FitRes(Status(Code.OK, "ok"), sum_parameters, 4, {"client_id": name, "round_index": r}))
                for name, r, node in replies]
     strategy.aggregate_fit(1, results, [])
