@@ -89,7 +89,7 @@ def readme_environment() -> dict[str, str]:
     return env
 
 
-def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path):
+def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path, load_script):
     check = documented_check()
     rounds = int(check["rounds"])
     out = tmp_path / "demo"
@@ -108,11 +108,15 @@ def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path):
     assert len(examples) == 5
     # Each summary starts with who does something. At these rounds the fine-tuned base
     # mostly takes that person from the dialogue (4 of 5 on the documented machine kind;
-    # the earlier demo, trained from scratch, named the wrong people); the other person,
-    # the place, the day and what was agreed are still often wrong (docs/benchmarks.md,
-    # "Offline demo").
+    # the earlier demo, trained from scratch, named the wrong people), and it copies the
+    # place and the day (5 of 5 there; 99.6 % and 100 % of 256 held-out dialogues after
+    # 40 rounds, docs/benchmarks.md "Offline demo"; the earlier span-corruption base
+    # copied almost no place).
     first_person_right = [first_person(p) in people(r) for p, r in examples]
     assert sum(first_person_right) >= 3, examples
+    slot_scores = load_script("score_demo_slots").slot_scores  # as docs/benchmarks.md scores them
+    place_and_day_right = [slot_scores(p, r)["place"] and slot_scores(p, r)["day"] for p, r in examples]
+    assert sum(place_and_day_right) >= 4, examples
     # The trained demo is usable from the CLI: its config names the shipped base by name
     # (model.name: demo-base), which `summarize` resolves again.
     dialogue = "Anna: can you lend me your drill on Friday?\nTom: sure, I'll bring it\nAnna: thanks!"
