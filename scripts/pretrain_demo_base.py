@@ -20,7 +20,7 @@ input within a few hundred steps: the demo fine-tuned from such a base copies 97
 places. The untied logits layer starts at T5X's scale, ``N(0, d_model^-1/2)``, not
 Hugging Face's ``N(0, 1)`` (which starts the loss at ~30 nats).
 
-~0.8 s a step on the quiet 2-core VM; 1500 steps, about 21 minutes:
+~0.8-1 s a step on the 2-core VM; 2500 steps, about 40 minutes (2365 s measured):
 
     python scripts/pretrain_demo_base.py --out /tmp/demo_base             # the shipped base
     python scripts/pretrain_demo_base.py --out /tmp/base --steps 40 --stop-at 20   # a quick look
@@ -184,7 +184,7 @@ def write_base(out: Path, model, params, tokenizer, record: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the base (a new folder)")
-    parser.add_argument("--steps", type=int, default=1500, help="length of the learning-rate schedule")
+    parser.add_argument("--steps", type=int, default=2500, help="length of the learning-rate schedule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--stop-at", type=int, default=0,

@@ -69,6 +69,6 @@ def test_pretraining_record_says_how_it_was_made():
     assert record["script"] == "scripts/pretrain_demo_base.py"
     assert "span corruption" in record["objective"]
     assert "whole row" in record["objective"]  # the reconstruction half of the mixture
-    # the shipped base is the whole 1500-step schedule: the script's defaults
-    assert (record["steps"], record["schedule_steps"]) == (1500, 1500)
-    assert record["command"].endswith("--steps 1500 --seed 0 --learning-rate 0.003")
+    # the shipped base is the whole 2500-step schedule: the script's defaults
+    assert (record["steps"], record["schedule_steps"]) == (2500, 2500)
+    assert record["command"].endswith("--steps 2500 --seed 0 --learning-rate 0.003")

@@ -16,8 +16,8 @@ compared to 0.05: rounding differences grow over 20 rounds of training (1.041 ag
 config or code moves it by more (1.269 -> 1.041 for 1024 -> 4096 training dialogues).
 
 The same run's five printed examples are read as a user reads them: each prediction
-should name people of its own dialogue (the earlier demo, a tiny model trained from
-scratch, printed one template with the same wrong names for every input).
+should name the people, place and day of its own dialogue (the earlier demo, a tiny model
+trained from scratch, printed one template with the same wrong names for every input).
 """
 
 from __future__ import annotations
@@ -106,17 +106,21 @@ def test_demo_at_reduced_rounds_matches_the_documented_figures(tmp_path, load_sc
     assert "before and after training" in result.stderr
     examples = printed_examples(result.stderr)
     assert len(examples) == 5
-    # Each summary starts with who does something. At these rounds the fine-tuned base
-    # mostly takes that person from the dialogue (4 of 5 on the documented machine kind;
-    # the earlier demo, trained from scratch, named the wrong people), and it copies the
-    # place and the day (5 of 5 there; 99.6 % and 100 % of 256 held-out dialogues after
-    # 40 rounds, docs/benchmarks.md "Offline demo"; the earlier span-corruption base
-    # copied almost no place).
+    # Each summary starts with who does something, at a place on a day. At these rounds
+    # the fine-tuned base takes the people, the place and the day from the dialogue: on
+    # the documented machine kind all 5 start with a person of their own dialogue, 4 of 5
+    # name exactly the reference's people, and 5 of 5 its place and day (after 20
+    # rounds, of 256 held-out dialogues: people 59.8 %, place 100 %, day 98.8 %; after
+    # 40, 93.0 / 100 / 100 %; docs/benchmarks.md "Offline demo"). The earlier demo,
+    # trained from scratch, named the wrong people; the earlier span-corruption base
+    # copied almost no place. The thresholds leave one example of margin for another
+    # machine kind's rounding.
     first_person_right = [first_person(p) in people(r) for p, r in examples]
-    assert sum(first_person_right) >= 3, examples
+    assert sum(first_person_right) >= 4, examples
     slot_scores = load_script("score_demo_slots").slot_scores  # as docs/benchmarks.md scores them
-    place_and_day_right = [slot_scores(p, r)["place"] and slot_scores(p, r)["day"] for p, r in examples]
-    assert sum(place_and_day_right) >= 4, examples
+    scores = [slot_scores(p, r) for p, r in examples]
+    assert sum(s["place"] and s["day"] for s in scores) >= 4, examples
+    assert sum(s["people"] and s["place"] and s["day"] for s in scores) >= 3, examples
     # The trained demo is usable from the CLI: its config names the shipped base by name
     # (model.name: demo-base), which `summarize` resolves again.
     dialogue = "Anna: can you lend me your drill on Friday?\nTom: sure, I'll bring it\nAnna: thanks!"
